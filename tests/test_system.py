@@ -1,0 +1,152 @@
+"""The system's contract with callbacks: controls in (consumed each step), statistics out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adaptalign.lightning_modules.controls import Controls, StepEmbeddings
+from adaptalign.lightning_modules.losses import info_nce, max_margin
+from adaptalign.lightning_modules.system import AlignmentModule, warmup_cosine
+
+
+@pytest.fixture()
+def module(tiny_text_model: str) -> AlignmentModule:
+    torch.manual_seed(0)
+    m = AlignmentModule(
+        image_tower={"model_name": "test_resnet", "image_size": 32},
+        text_tower={"model_name": tiny_text_model},
+        embed_dim=16,
+        temperature=0.1,
+    )
+    return m.eval()
+
+
+@pytest.fixture()
+def batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    texts = ["a red circle", "a blue square", "a green star at the top", "two small hearts"]
+    return {"images": torch.randn(4, 3, 32, 32, generator=g), "texts": texts}
+
+
+def sims(module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    image, text = module.encode_images(batch), module.encode_texts(batch)
+    return image @ text.T, text @ image.T
+
+
+def test_embeddings_are_unit_length(module: AlignmentModule, batch: dict) -> None:
+    assert torch.allclose(module.encode_images(batch).norm(dim=1), torch.ones(4), atol=1e-6)
+    assert torch.allclose(module.encode_texts(batch).norm(dim=1), torch.ones(4), atol=1e-6)
+
+
+def test_default_step_uses_own_temperature(module: AlignmentModule, batch: dict) -> None:
+    out = module.training_step(batch, 0)
+    s_i2t, s_t2i = sims(module, batch)
+    expected, _, _ = info_nce(s_i2t, s_t2i, torch.arange(4), 0.1)
+    assert float(out["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert out["statistics"].temperature.tolist() == pytest.approx([0.1] * 4)
+
+
+def test_controls_are_used_once_then_reset(module: AlignmentModule, batch: dict) -> None:
+    tau = torch.tensor([0.05, 0.1, 0.2, 0.4])
+    module.controls.temperature = tau
+    module.controls.direction_weights = (1.5, 0.5)
+    module.controls.loss_scale = 2.0
+    out = module.training_step(batch, 0)
+    s_i2t, s_t2i = sims(module, batch)
+    expected, _, _ = info_nce(s_i2t, s_t2i, torch.arange(4), tau, (1.5, 0.5))
+    assert float(out["loss"].detach()) == pytest.approx(2.0 * float(expected), rel=1e-5)
+    assert out["statistics"].temperature.tolist() == pytest.approx(tau.tolist())
+    assert out["controls"].loss_scale == 2.0
+    assert module.controls == Controls()  # the next step starts from the defaults
+
+
+def test_extra_losses_are_added_with_their_weight(module: AlignmentModule, batch: dict) -> None:
+    seen: list[StepEmbeddings] = []
+
+    def norm_penalty(view: StepEmbeddings) -> torch.Tensor:
+        seen.append(view)
+        return view.image.sum() * 0 + 3.0
+
+    plain = float(module.training_step(batch, 0)["loss"].detach())
+    module.controls.extra_losses["bias"] = (0.5, norm_penalty)
+    out = module.training_step(batch, 0)
+    assert float(out["loss"].detach()) == pytest.approx(plain + 1.5, rel=1e-5)
+    assert seen[0].all_text.shape == (4, 16) and seen[0].batch is batch
+
+
+def test_tower_grad_scale_scales_each_towers_gradient(module: AlignmentModule, batch: dict) -> None:
+    def grads() -> tuple[torch.Tensor, torch.Tensor]:
+        module.zero_grad()
+        module.training_step(batch, 0)["loss"].backward()
+        return (
+            module.image_tower.projection.weight.grad.clone(),
+            module.text_tower.projection.weight.grad.clone(),
+        )
+
+    base_image, base_text = grads()
+    module.controls.tower_grad_scale = (3.0, 0.5)
+    scaled_image, scaled_text = grads()
+    assert torch.allclose(scaled_image, 3.0 * base_image, atol=1e-6)
+    assert torch.allclose(scaled_text, 0.5 * base_text, atol=1e-6)
+
+
+def test_max_margin_criterion_with_per_sample_margin(tiny_text_model: str, batch: dict) -> None:
+    torch.manual_seed(0)
+    m = AlignmentModule(
+        image_tower={"model_name": "test_resnet", "image_size": 32},
+        text_tower={"model_name": tiny_text_model},
+        embed_dim=16,
+        criterion="max_margin",
+        margin=0.3,
+        hardest_negative=True,
+    ).eval()
+    s_i2t, s_t2i = sims(m, batch)
+    expected, _, _ = max_margin(s_i2t, s_t2i, torch.arange(4), 0.3, hardest=True)
+    assert float(m.training_step(batch, 0)["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    margins = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    m.controls.margin = margins
+    expected, _, _ = max_margin(s_i2t, s_t2i, torch.arange(4), margins, hardest=True)
+    assert float(m.training_step(batch, 0)["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_learnable_temperature_is_clamped(module: AlignmentModule) -> None:
+    with torch.no_grad():
+        module.log_scale.fill_(math.log(1 / 1e-4))  # would be tau = 1e-4
+    assert float(module.temperature) == pytest.approx(0.01)
+    with torch.no_grad():
+        module.log_scale.fill_(math.log(1 / 50.0))
+    assert float(module.temperature) == pytest.approx(1.0)
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    assert warmup_cosine(0, 10, 110, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_separate_towers_and_projections(tiny_text_model: str) -> None:
+    m = AlignmentModule(
+        image_tower={"model_name": "test_resnet", "freeze": True},
+        text_tower={"model_name": tiny_text_model},
+        embed_dim=8,
+        lr=1e-3,
+        tower_lr=1e-5,
+    )
+
+    class FakeTrainer:
+        estimated_stepping_batches = 100
+
+    m.trainer = FakeTrainer()  # type: ignore[assignment]
+    optimizer = m.configure_optimizers()["optimizer"]
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    tower_ids = {id(p) for g in ("towers", "towers_no_decay") for p in by_name[g]["params"]}
+    assert tower_ids == {id(p) for p in m.text_tower.backbone.parameters()}  # image one frozen
+    assert by_name["towers"]["initial_lr"] == 1e-5
+    assert by_name["projections"]["initial_lr"] == 1e-3
+    assert any(p is m.log_scale for p in by_name["projections_no_decay"]["params"])
+    assert by_name["projections_no_decay"]["weight_decay"] == 0.0

