@@ -2,4 +2,4 @@
 
 
 class ConfigurationError(ValueError):
-    """A setting or file the user gave cannot be used; the message names it and what was expected."""
+    """A setting or file the user gave cannot be used; the message names it and what it expected."""

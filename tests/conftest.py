@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny local text model and tiny generated data, so no test downloads anything."""
+"""Shared fixtures: a tiny local text model and a per-test cache, so no test downloads anything."""
 
 from __future__ import annotations
 
@@ -11,12 +11,20 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-WORDS = (
-    "a an the and at in on of to with there is image showing shapes two three one small large "
-    "big little tiny red green blue yellow purple orange white black pink cyan grey brown "
-    "circle disc square box triangle star cross diamond ring hoop heart top bottom left right "
-    "centre center middle side corner upper lower"
-).split()
+
+def caption_words(scenes: int = 400) -> list[str]:
+    """Every word the generated dataset's grammar produces, so the tiny tokenizer knows them."""
+    import numpy as np
+
+    from adaptalign.datamodules import generated as g
+
+    rng = np.random.default_rng(0)
+    ranking = g.category_ranking(rng)
+    words: set[str] = set()
+    for _ in range(scenes):
+        for caption in g.make_captions(rng, g.sample_scene(rng, 3, ranking, 0.0), 5):
+            words.update(caption.replace(",", " ").replace(":", " ").split())
+    return sorted(words)
 
 
 @pytest.fixture(scope="session")
@@ -25,9 +33,15 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ":", *caption_words()]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    try:  # transformers >= 5 takes the vocabulary itself, 4.x a file
+        tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    except TypeError:
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    ids = tokenizer("a red circle")["input_ids"]
+    assert vocab.index("[UNK]") not in ids, "the tiny tokenizer must know the caption words"
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),

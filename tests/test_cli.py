@@ -76,8 +76,15 @@ def test_evaluate_from_checkpoint(
     command: str, tiny_text_model: str, trained_run: Path, tmp_path: Path, capsys
 ) -> None:
     ckpt = next(trained_run.glob("lightning_logs/*/checkpoints/last.ckpt"))
-    run(tiny_text_model, tmp_path, command, "--ckpt_path", str(ckpt),
-        "--data.cache_dir", str(trained_run.parent / "cache"))
+    run(
+        tiny_text_model,
+        tmp_path,
+        command,
+        "--ckpt_path",
+        str(ckpt),
+        "--data.cache_dir",
+        str(trained_run.parent / "cache"),
+    )
     out = capsys.readouterr().out
     prefix = "val" if command == "validate" else "test"
     assert f"{prefix}/rsum" in out and f"{prefix}/i2t_R@1" in out
@@ -86,9 +93,17 @@ def test_evaluate_from_checkpoint(
 def test_predict_writes_embeddings(tiny_text_model: str, trained_run: Path, tmp_path: Path) -> None:
     ckpt = next(trained_run.glob("lightning_logs/*/checkpoints/last.ckpt"))
     target = tmp_path / "emb.pt"
-    run(tiny_text_model, tmp_path, "predict", "--ckpt_path", str(ckpt), "--data.predict_split", "val",
+    run(
+        tiny_text_model,
+        tmp_path,
+        "predict",
+        "--ckpt_path",
+        str(ckpt),
+        "--data.predict_split",
+        "val",
         "--trainer.callbacks+=adaptalign.callbacks.embedding_writer.EmbeddingWriter",
-        f"--trainer.callbacks.output_path={target}")
+        f"--trainer.callbacks.output_path={target}",
+    )
     result = torch.load(target)
     assert result["image_embeddings"].shape == (16, 32)
     assert result["text_embeddings"].shape == (80, 32)  # 5 captions per image

@@ -30,14 +30,16 @@ def make_batch() -> dict:
     g = torch.Generator().manual_seed(1)
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
     words = ["red", "blue", "circle", "square", "left", "top", "small", "large"]
-    texts = [f"a {words[i]} {words[(3 * i + 1) % 8]} at the {words[(5 * i + 2) % 8]}" for i in range(8)]
+    texts = [
+        f"a {words[i]} {words[(3 * i + 1) % 8]} at the {words[(5 * i + 2) % 8]}" for i in range(8)
+    ]
     return {"images": images, "texts": texts}
 
 
 def loss_and_grads(module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict]:
     image = module.encode_images(batch)
     text = module.encode_texts(batch)
-    loss, _, stats = module.contrastive_loss(image, text, batch, Controls())
+    loss, _, _ = module.contrastive_loss(image, text, batch, Controls())
     module.zero_grad()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}

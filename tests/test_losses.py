@@ -47,7 +47,7 @@ def test_direction_weights_weigh_the_two_terms() -> None:
 def test_local_rows_against_global_columns_use_offset_targets() -> None:
     """Rank 1 of 2 holds rows 2..3 of a 4x4 problem; its positives are columns 2 and 3."""
     sim = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
-    full, full_i2t, full_t2i = info_nce(sim, sim.T, torch.arange(4), 0.1)
+    _, full_i2t, full_t2i = info_nce(sim, sim.T, torch.arange(4), 0.1)
     _, rows_i2t, rows_t2i = info_nce(sim[2:], sim.T[2:], torch.tensor([2, 3]), 0.1)
     assert torch.allclose(rows_i2t, full_i2t[2:]) and torch.allclose(rows_t2i, full_t2i[2:])
 

@@ -105,11 +105,15 @@ def test_max_margin_criterion_with_per_sample_margin(tiny_text_model: str, batch
     ).eval()
     s_i2t, s_t2i = sims(m, batch)
     expected, _, _ = max_margin(s_i2t, s_t2i, torch.arange(4), 0.3, hardest=True)
-    assert float(m.training_step(batch, 0)["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(m.training_step(batch, 0)["loss"].detach()) == pytest.approx(
+        float(expected), rel=1e-5
+    )
     margins = torch.tensor([0.1, 0.2, 0.3, 0.4])
     m.controls.margin = margins
     expected, _, _ = max_margin(s_i2t, s_t2i, torch.arange(4), margins, hardest=True)
-    assert float(m.training_step(batch, 0)["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(m.training_step(batch, 0)["loss"].detach()) == pytest.approx(
+        float(expected), rel=1e-5
+    )
 
 
 def test_learnable_temperature_is_clamped(module: AlignmentModule) -> None:

@@ -1,4 +1,4 @@
-"""Writes the embeddings ``predict`` computes to one file per split, for analysis outside training."""
+"""Writes the embeddings ``predict`` computes to a file per split, for analysis outside training."""
 
 from __future__ import annotations
 
@@ -34,7 +34,13 @@ class EmbeddingWriter(BasePredictionWriter):
             return
         result = {
             key: torch.cat([b[key] for b in batches])
-            for key in ("image_embeddings", "image_id", "text_embeddings", "text_id", "text_image_id")
+            for key in (
+                "image_embeddings",
+                "image_id",
+                "text_embeddings",
+                "text_id",
+                "text_image_id",
+            )
         }
         result["texts"] = [t for b in batches for t in b["texts"]]
         if trainer.world_size > 1:
@@ -47,8 +53,10 @@ class EmbeddingWriter(BasePredictionWriter):
         torch.save(result, tmp)
         tmp.replace(path)
         self.written = path
-        print(f"wrote {result['image_embeddings'].shape[0]} image and "
-              f"{result['text_embeddings'].shape[0]} text embeddings to {path}")
+        print(
+            f"wrote {result['image_embeddings'].shape[0]} image and "
+            f"{result['text_embeddings'].shape[0]} text embeddings to {path}"
+        )
 
 
 def _per_loader(predictions: list) -> list[list]:

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from adaptalign.datamodules.datasets import (
     EvalImages,
     PairSampler,
-    Transform,
     TrainPairs,
+    Transform,
     collate_eval,
     collate_pairs,
     default_transform,
@@ -88,7 +88,9 @@ class AlignmentDataModule(L.LightningDataModule):
         if self.splits:
             return
         records = read_karpathy(self.annotation_path(), self.image_root)
-        self.splits = {name: [r for r in records if r.split == name] for name in ("train", "val", "test")}
+        self.splits = {
+            name: [r for r in records if r.split == name] for name in ("train", "val", "test")
+        }
         missing = [r.image_path for r in records if not r.image_path.is_file()]
         if missing:
             shown = ", ".join(str(p) for p in missing[:5])

@@ -1,4 +1,4 @@
-"""``adaptalign fit|validate|test|predict --config ...``: the Lightning CLI over the system and data.
+"""``adaptalign fit|validate|test|predict --config ...``: the Lightning CLI over system and data.
 
 Every run saves its resolved config beside its TensorBoard logs, logs learning rates, keeps the best
 checkpoint by validation rsum plus the last one, and ``predict`` writes embeddings to a file.

@@ -18,7 +18,7 @@ Scalar = float | Tensor
 
 @dataclass
 class StepEmbeddings:
-    """What an auxiliary loss may look at: this rank's embeddings and batch, plus the gathered ones."""
+    """What an auxiliary loss may see: this rank's embeddings and batch, plus the gathered ones."""
 
     image: Tensor
     text: Tensor
@@ -77,7 +77,7 @@ class StepStatistics:
     Per direction (index 0: image->text, 1: text->image): mean row entropy of the softmax over
     candidates, mean and variance of the probability given to the true match; the standard deviation
     of all cosine similarities of the rows; and the per-row losses. Callbacks reduce them across
-    ranks themselves (``all_reduce`` of the sufficient statistics) so every rank sees the same value.
+    ranks themselves (``all_reduce`` of sufficient statistics) so every rank sees the same value.
     """
 
     entropy: Tensor

@@ -24,7 +24,8 @@ def _per_row(value: Scalar, rows: int, like: Tensor, name: str) -> Tensor:
         return t.reshape(1, 1)
     if t.shape != (rows,):
         raise ValueError(
-            f"{name} must be a scalar or have one value per row ({rows}), got shape {tuple(t.shape)}"
+            f"{name} must be a scalar or have one value per row ({rows}), "
+            f"got shape {tuple(t.shape)}"
         )
     return t.reshape(rows, 1)
 

@@ -126,7 +126,8 @@ class AlignmentModule(L.LightningModule):
             )
         if not low <= temperature <= high:
             raise ConfigurationError(
-                f"temperature={temperature!r}; expected a value in temperature_bounds [{low}, {high}]"
+                f"temperature={temperature!r}; expected a value in "
+                f"temperature_bounds [{low}, {high}]"
             )
         if margin < 0:
             raise ConfigurationError(f"margin={margin!r}; expected >= 0")
@@ -136,7 +137,7 @@ class AlignmentModule(L.LightningModule):
     # ----------------------------------------------------------------- encoding
     @property
     def temperature(self) -> Tensor:
-        """The system's own temperature, clamped (CLIP-style) so it can neither vanish nor explode."""
+        """The system's own temperature, clamped so it can neither vanish nor explode."""
         return self.log_scale.clamp(*self.log_scale_bounds).neg().exp()
 
     def image_transform(self, training: bool = False) -> Callable:
@@ -218,8 +219,9 @@ class AlignmentModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_retrieval.compute()
+        rsum = results.pop("rsum")
         self.log_dict({f"val/{k}": v for k, v in results.items()})
-        self.log("val/rsum", results["rsum"], prog_bar=True)
+        self.log("val/rsum", rsum, prog_bar=True)
         self.val_retrieval.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -242,20 +244,26 @@ class AlignmentModule(L.LightningModule):
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict:
         towers = self.image_tower.backbone_parameters() + self.text_tower.backbone_parameters()
-        heads = [*self.image_tower.projection.parameters(), *self.text_tower.projection.parameters()]
+        heads = [
+            *self.image_tower.projection.parameters(),
+            *self.text_tower.projection.parameters(),
+        ]
         if self.log_scale.requires_grad:
             heads.append(self.log_scale)
         decay = self.hparams.weight_decay
         groups = []
-        for name, params, lr in (("towers", towers, self.hparams.tower_lr),
-                                 ("projections", heads, self.hparams.lr)):
+        for name, params, lr in (
+            ("towers", towers, self.hparams.tower_lr),
+            ("projections", heads, self.hparams.lr),
+        ):
             matrices = [p for p in params if p.ndim >= 2]
             others = [p for p in params if p.ndim < 2]
             if matrices:
                 groups.append({"name": name, "params": matrices, "lr": lr, "weight_decay": decay})
             if others:
-                groups.append({"name": f"{name}_no_decay", "params": others, "lr": lr,
-                               "weight_decay": 0.0})
+                groups.append(
+                    {"name": f"{name}_no_decay", "params": others, "lr": lr, "weight_decay": 0.0}
+                )
         optimizer = torch.optim.AdamW(groups)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.hparams.warmup
@@ -264,4 +272,7 @@ class AlignmentModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup_steps, total, min_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

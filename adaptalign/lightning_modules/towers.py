@@ -104,7 +104,9 @@ def _load_image_checkpoint(model: nn.Module, path: str) -> None:
         raise ConfigurationError(f"{path!r} holds a {type(state).__name__}, not a state dict")
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(c + "." for c in classifiers))}
+    state = {
+        k: v for k, v in state.items() if not k.startswith(tuple(c + "." for c in classifiers))
+    }
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -175,8 +177,8 @@ def resolve_text_model(name: str) -> str:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local:
         raise ConfigurationError(
-            f"text_tower.model_name={name!r} looks like a local folder but does not exist; expected "
-            "a sentence-transformers or transformers model folder, or a hub name"
+            f"text_tower.model_name={name!r} looks like a local folder but does not exist; "
+            "expected a sentence-transformers or transformers model folder, or a hub name"
         )
     if name in MINILM_NAMES:
         try:
@@ -219,8 +221,9 @@ class TextTower(_Tower):
         self.frozen = config.freeze
         if self.frozen:
             _freeze(self.backbone)
-        dimension = getattr(self.backbone, "get_embedding_dimension", None) or getattr(
-            self.backbone, "get_sentence_embedding_dimension"
+        dimension = (
+            getattr(self.backbone, "get_embedding_dimension", None)
+            or self.backbone.get_sentence_embedding_dimension
         )
         self.feature_dim = int(dimension())
         self.projection = nn.Linear(self.feature_dim, embed_dim)
