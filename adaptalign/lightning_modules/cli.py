@@ -8,6 +8,7 @@ Settings that cannot work end the command with one clear message rather than a d
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -48,6 +49,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point; user errors print ``adaptalign: error: ...`` and exit with status 2."""
+    # Frozen towers are in eval mode on purpose; say so once in the docs, not at every run.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         build_cli(args)
     except (ConfigurationError, DatasetFormatError) as exc:

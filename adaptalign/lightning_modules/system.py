@@ -99,8 +99,11 @@ class AlignmentModule(L.LightningModule):
         self.criterion = criterion
         low, high = temperature_bounds
         self.log_scale_bounds = (math.log(1 / high), math.log(1 / low))
+        # Max-margin never uses the temperature (only its statistics do): a parameter without a
+        # gradient would stall DDP, so it is learnable for InfoNCE only.
         self.log_scale = nn.Parameter(
-            torch.tensor(math.log(1 / temperature)), requires_grad=learn_temperature
+            torch.tensor(math.log(1 / temperature)),
+            requires_grad=learn_temperature and criterion == "infonce",
         )
         self.controls = Controls()
         self.val_retrieval = RetrievalMetric(chunk_size=eval_chunk_size)
