@@ -50,7 +50,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 def main(args: list[str] | None = None) -> None:
     """Console entry point; user errors print ``adaptalign: error: ...`` and exit with status 2."""
     # Frozen towers are in eval mode on purpose; say so once in the docs, not at every run.
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         build_cli(args)

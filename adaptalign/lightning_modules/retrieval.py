@@ -2,9 +2,9 @@
 
 Ranks are counted, never sorted: the rank of a query is the number of wrong candidates scoring at
 least as high as its positive, so ties count against the query (a collapsed model whose embeddings
-all coincide scores zero, not perfect) and no ``num_images x num_texts`` ranking is ever stored. The similarity is computed one chunk of images at a time and each chunk
-serves both directions, which keeps memory at ``chunk_size x num_texts`` while reading the text
-embeddings once per chunk.
+all coincide scores zero, not perfect) and no ``num_images x num_texts`` ranking is ever stored.
+The similarity is computed one chunk of images at a time and each chunk serves both directions,
+which keeps memory at ``chunk_size x num_texts`` while reading the text embeddings once per chunk.
 
 * image->text: an image is found as soon as its best caption is found, so its rank is the number of
   other images' captions scoring at least as high as the best of its own captions.
