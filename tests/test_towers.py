@@ -107,3 +107,14 @@ def test_unreachable_text_model_is_one_clear_error() -> None:
         TextTower(TextTowerConfig("nobody-here/no-such-model-xyz"), embed_dim=8)
     with pytest.raises(ConfigurationError, match=r"looks like a local folder but does not exist"):
         TextTower(TextTowerConfig("./missing/text-model"), embed_dim=8)
+
+
+def test_weights_the_embedding_never_reaches_are_kept_fixed(tiny_text_model: str) -> None:
+    """BERT's pooler is unused by mean pooling; left trainable it would make DDP fail."""
+    tower = TextTower(TextTowerConfig(tiny_text_model), embed_dim=8)
+    fixed = {n for n, p in tower.backbone.named_parameters() if not p.requires_grad}
+    assert fixed and all(".pooler." in n for n in fixed), fixed
+    assert all(p.grad is None for p in tower.backbone.parameters())  # the probe left no gradient
+    tower(["a red circle"]).sum().backward()
+    trainable = [p for p in tower.backbone.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)

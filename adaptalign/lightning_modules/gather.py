@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
 
@@ -19,6 +18,33 @@ def distributed_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows (padded to ``longest``) forward; backward, the summed gradient of own rows.
+
+    The backward all-reduces the full gradient and keeps this rank's slice, which every backend
+    (gloo included) supports; embeddings are small, so the extra traffic over a reduce-scatter is
+    negligible.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, counts: list[int], rank: int) -> Tensor:  # type: ignore[override]
+        longest = max(counts)
+        padded = x
+        if x.shape[0] < longest:
+            padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.counts, ctx.rank = counts, rank
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]], None, None
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
@@ -33,11 +59,4 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     counts = [int(s) for s in sizes]
-    longest = max(counts)
-    padded = x
-    if x.shape[0] < longest:
-        pad = x.new_zeros((longest - x.shape[0], *x.shape[1:]))
-        padded = torch.cat([x, pad])
-    parts = dist_fn.all_gather(padded)
-    rows = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
-    return rows, sum(counts[:rank])
+    return _GatherRows.apply(x, counts, rank), sum(counts[:rank])

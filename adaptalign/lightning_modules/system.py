@@ -223,15 +223,17 @@ class AlignmentModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         results = self.val_retrieval.compute()
         rsum = results.pop("rsum")
-        self.log_dict({f"val/{k}": v for k, v in results.items()})
-        self.log("val/rsum", rsum, prog_bar=True)
+        # The metric is already global; syncing identical values only silences Lightning's advice.
+        self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)
+        self.log("val/rsum", rsum, prog_bar=True, sync_dist=True)
         self.val_retrieval.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.test_retrieval)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self.test_retrieval.compute().items()})
+        results = self.test_retrieval.compute()
+        self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=True)
         self.test_retrieval.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

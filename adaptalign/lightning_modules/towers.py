@@ -221,6 +221,8 @@ class TextTower(_Tower):
         self.frozen = config.freeze
         if self.frozen:
             _freeze(self.backbone)
+        else:
+            self._freeze_unused()
         dimension = (
             getattr(self.backbone, "get_embedding_dimension", None)
             or self.backbone.get_sentence_embedding_dimension
@@ -230,9 +232,26 @@ class TextTower(_Tower):
         # A frozen encoder maps a caption to the same features every epoch: remember them.
         self._memo: dict[str, Tensor] = {}
 
-    def _encode(self, texts: list[str]) -> Tensor:
+    def _freeze_unused(self) -> None:
+        """Stop training weights the sentence embedding never reaches (e.g. BERT's pooler).
+
+        They would get no gradient, which DDP refuses; one probe backward finds them for any model.
+        """
+        self.backbone(self._tokenize(["a"]))["sentence_embedding"].sum().backward()
+        unused = [n for n, p in self.backbone.named_parameters() if p.grad is None]
+        for name, p in self.backbone.named_parameters():
+            p.grad = None
+            if name in unused:
+                p.requires_grad_(False)
+        if unused:
+            log.info("text tower: %d tensors never reach the embedding, kept fixed", len(unused))
+
+    def _tokenize(self, texts: list[str]) -> dict:
         tokenize = getattr(self.backbone, "preprocess", None) or self.backbone.tokenize
-        tokens = tokenize(texts)
+        return tokenize(texts)
+
+    def _encode(self, texts: list[str]) -> Tensor:
+        tokens = self._tokenize(texts)
         device = self.projection.weight.device
         tokens = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
         return self.backbone(tokens)["sentence_embedding"]
