@@ -34,7 +34,7 @@ def run(tiny_text_model: str, root: Path, *extra: str) -> None:
 def trained_run(tiny_text_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One short fit shared by the tests that need a checkpoint and logs."""
     root = tmp_path_factory.mktemp("run")
-    cache = tmp_path_factory.mktemp("cache")
+    cache = root / "cache"
     run(tiny_text_model, root, "fit", "--data.cache_dir", str(cache), "--trainer.max_epochs", "2")
     return root
 
@@ -71,6 +71,25 @@ def test_fit_saves_config_logs_and_checkpoints(trained_run: Path) -> None:
     assert len(events.Scalars("val/rsum")) == 2
 
 
+def test_same_seed_same_weights(tiny_text_model: str, trained_run: Path, tmp_path: Path) -> None:
+    """A second run with the same config and seed ends with bit-identical weights."""
+    cache = trained_run / "cache"
+    run(
+        tiny_text_model,
+        tmp_path,
+        "fit",
+        "--data.cache_dir",
+        str(cache),
+        "--trainer.max_epochs",
+        "2",
+    )
+    first = torch.load(next(trained_run.glob("lightning_logs/*/checkpoints/last.ckpt")))
+    second = torch.load(next(tmp_path.glob("lightning_logs/*/checkpoints/last.ckpt")))
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+
+
 @pytest.mark.parametrize("command", ["validate", "test"])
 def test_evaluate_from_checkpoint(
     command: str, tiny_text_model: str, trained_run: Path, tmp_path: Path, capsys
@@ -83,7 +102,7 @@ def test_evaluate_from_checkpoint(
         "--ckpt_path",
         str(ckpt),
         "--data.cache_dir",
-        str(trained_run.parent / "cache"),
+        str(trained_run / "cache"),
     )
     out = capsys.readouterr().out
     prefix = "val" if command == "validate" else "test"

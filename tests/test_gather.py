@@ -10,19 +10,14 @@ import torch.distributed as dist
 from adaptalign.lightning_modules.controls import Controls
 from adaptalign.lightning_modules.gather import gather_with_grad
 from adaptalign.lightning_modules.system import AlignmentModule
+from tests.builders import tiny_module
 from tests.distributed import run_distributed
 
 GLOBAL_BATCH = 8
 
 
 def make_module(text_model: str) -> AlignmentModule:
-    torch.manual_seed(0)
-    module = AlignmentModule(
-        image_tower={"model_name": "test_resnet", "image_size": 32},
-        text_tower={"model_name": text_model},
-        embed_dim=16,
-        temperature=0.2,
-    )
+    module = tiny_module(text_model, temperature=0.2)
     return module.eval()  # no dropout / batch-norm batch statistics: only the gather differs
 
 

@@ -9,7 +9,7 @@ import torch
 
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from adaptalign.lightning_modules.system import AlignmentModule
+from tests.builders import tiny_module
 
 
 class LossHistory(L.Callback):
@@ -22,9 +22,8 @@ class LossHistory(L.Callback):
 
 def test_short_run_learns_to_retrieve(tiny_text_model: str, tmp_path: Path) -> None:
     L.seed_everything(0)
-    module = AlignmentModule(
-        image_tower={"model_name": "test_resnet", "image_size": 32},
-        text_tower={"model_name": tiny_text_model},
+    module = tiny_module(
+        tiny_text_model,
         embed_dim=32,
         lr=5e-3,
         tower_lr=1e-3,

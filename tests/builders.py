@@ -1,0 +1,17 @@
+"""A tiny system (0.4M-parameter timm CNN at 32 px, the tiny local BERT) for fast tests."""
+
+from __future__ import annotations
+
+import torch
+
+from adaptalign.lightning_modules.system import AlignmentModule
+
+
+def tiny_module(text_model: str, seed: int = 0, **settings: object) -> AlignmentModule:
+    torch.manual_seed(seed)
+    settings = {"embed_dim": 16, **settings}
+    return AlignmentModule(
+        image_tower={"model_name": "test_resnet", "image_size": 32},
+        text_tower={"model_name": text_model},
+        **settings,
+    )
