@@ -7,11 +7,18 @@ import torch
 from adaptalign.lightning_modules.system import AlignmentModule
 
 
-def tiny_module(text_model: str, seed: int = 0, **settings: object) -> AlignmentModule:
+def tiny_module(
+    text_model: str,
+    seed: int = 0,
+    image: dict | None = None,
+    text: dict | None = None,
+    **settings: object,
+) -> AlignmentModule:
+    """``image`` / ``text`` update the tower settings (e.g. ``{"freeze": True}``)."""
     torch.manual_seed(seed)
     settings = {"embed_dim": 16, **settings}
     return AlignmentModule(
-        image_tower={"model_name": "test_resnet", "image_size": 32},
-        text_tower={"model_name": text_model},
+        image_tower={"model_name": "test_resnet", "image_size": 32, **(image or {})},
+        text_tower={"model_name": text_model, **(text or {})},
         **settings,
     )

@@ -1,8 +1,9 @@
 """The data module: where records come from, how they are split, batched and preprocessed.
 
-Real data and the built-in generated data go through the same Karpathy-JSON reader. Image
-preprocessing comes from the system being trained (its image tower's timm data config) when one is
-attached, so data and model can never disagree about input size or normalisation.
+Real data (Karpathy JSON, Flickr8k/Flickr30k tokens, CSV, COCO captions) and the built-in generated
+data become the same records. Image preprocessing comes from the system being trained (its image
+tower's timm data config) when one is attached, so data and model never disagree about input size
+or normalisation; a frozen tower's features come from the on-disk feature cache.
 """
 
 from __future__ import annotations
@@ -22,35 +23,59 @@ from adaptalign.datamodules.datasets import (
     collate_pairs,
     default_transform,
 )
-from adaptalign.datamodules.generated import GeneratedConfig, generate_dataset
-from adaptalign.datamodules.karpathy import read_karpathy
+from adaptalign.datamodules.feature_cache import FeatureCache
+from adaptalign.datamodules.formats import read_dataset
+from adaptalign.datamodules.frozen_features import FrozenFeatures, compute_frozen_features
+from adaptalign.datamodules.generated import GeneratedConfig, default_cache_dir, generate_dataset
+from adaptalign.datamodules.image_check import check_images
 from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.subsets import cap_captions, nested_subset
 from adaptalign.errors import ConfigurationError
 
 Split = Literal["train", "val", "test"]
+Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco"]
 
 
 class AlignmentDataModule(L.LightningDataModule):
     """Image-caption data for alignment.
 
     Args:
-        annotations: a Karpathy split JSON; ``None`` uses the built-in generated dataset.
-        image_root: folder the JSON's file names are relative to (default: the JSON's folder).
+        annotations: the annotation file (COCO: a list of ``captions_*.json``); ``None`` uses the
+            built-in generated dataset.
+        format: ``auto`` detects it from the file; or one of karpathy, flickr8k, flickr30k, csv,
+            coco.
+        image_root: folder the file names are relative to (default: each format's usual place).
+        val_images, test_images, split_seed: sizes and seed of the split made for formats that
+            have none (Flickr30k tokens, CSV, COCO val2014); ``None`` keeps the format's default.
         generated: settings of the generated dataset (used when ``annotations`` is ``None``).
-        cache_dir: where generated data is written once (default ``$ADAPTALIGN_CACHE`` or
-            ``~/.cache/adaptalign``).
+        cache_dir: where generated data and frozen-tower features are kept (default
+            ``$ADAPTALIGN_CACHE`` or ``~/.cache/adaptalign``).
+        train_images: a low-data subset: a count or a fraction of the train split, nested across
+            sizes for one seed; ``captions_per_image`` caps each training image's captions.
+        verify_images: fully decode every image once before training (finds truncated files).
+        skip_bad_images: leave out missing or unreadable images (logged) instead of failing.
+        feature_cache: serve frozen towers' features from the cache instead of raw inputs.
         batch_size: training pairs per batch on each process; ``eval_batch_size``: images per
             evaluation batch (each with all its captions).
         predict_split: the split ``predict`` embeds.
-        seed: drives shuffling and the per-epoch caption choice.
+        seed: drives the subset, shuffling and the per-epoch caption choice.
     """
 
     def __init__(
         self,
-        annotations: str | None = None,
+        annotations: str | list[str] | None = None,
+        format: Format = "auto",
         image_root: str | None = None,
+        val_images: int | None = None,
+        test_images: int | None = None,
+        split_seed: int = 0,
         generated: GeneratedConfig | None = None,
         cache_dir: str | None = None,
+        train_images: int | float | None = None,
+        captions_per_image: int | None = None,
+        verify_images: bool = False,
+        skip_bad_images: bool = False,
+        feature_cache: bool = True,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -63,47 +88,84 @@ class AlignmentDataModule(L.LightningDataModule):
                 f"data.batch_size={batch_size}; expected >= 2 (a contrastive batch needs negatives)"
             )
         self.annotations = annotations
+        self.format = format
         self.image_root = image_root
+        self.val_images = val_images
+        self.test_images = test_images
+        self.split_seed = split_seed
         self.generated = generated or GeneratedConfig()
         self.cache_dir = cache_dir
+        self.train_images = train_images
+        self.captions_per_image = captions_per_image
+        self.verify_images = verify_images
+        self.skip_bad_images = skip_bad_images
+        self.feature_cache = feature_cache
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.predict_split = predict_split
         self.seed = seed
+        self.records: list[Record] = []
         self.splits: dict[str, list[Record]] = {}
+        self.features: FrozenFeatures | None = None
+        self.source = ""
 
-    def annotation_path(self) -> Path:
+    def annotation_paths(self) -> list[Path]:
         if self.annotations is None:
-            return generate_dataset(self.generated, self.cache_dir)
-        path = Path(self.annotations).expanduser()
-        if not path.is_file():
-            raise ConfigurationError(f"data.annotations={self.annotations!r} does not exist")
-        return path
+            return [generate_dataset(self.generated, self.cache_dir)]
+        given = [self.annotations] if isinstance(self.annotations, str) else self.annotations
+        paths = [Path(p).expanduser() for p in given]
+        for path in paths:
+            if not path.is_file():
+                raise ConfigurationError(f"data.annotations: {str(path)!r} does not exist")
+        return paths
 
     def prepare_data(self) -> None:
-        self.annotation_path()
+        self.annotation_paths()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        records = read_karpathy(self.annotation_path(), self.image_root)
-        self.splits = {
-            name: [r for r in records if r.split == name] for name in ("train", "val", "test")
-        }
-        missing = [r.image_path for r in records if not r.image_path.is_file()]
-        if missing:
-            shown = ", ".join(str(p) for p in missing[:5])
-            raise DatasetFormatError(
-                f"{len(missing)} of {len(records)} image files listed in {self.annotation_path()} "
-                f"are missing, e.g. {shown}"
-            )
+        paths = self.annotation_paths()
+        self.source = ", ".join(str(p) for p in paths)
+        records = read_dataset(
+            [str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
+            format="karpathy" if self.annotations is None else self.format,
+            image_root=self.image_root,
+            val_images=self.val_images,
+            test_images=self.test_images,
+            split_seed=self.split_seed,
+        )
+        self.records = check_images(
+            records, decode=self.verify_images, skip_bad=self.skip_bad_images, source=self.source
+        )
+        splits = {n: [r for r in self.records if r.split == n] for n in ("train", "val", "test")}
+        train = nested_subset(splits["train"], self.train_images, self.seed)
+        splits["train"] = cap_captions(train, self.captions_per_image)
+        self.splits = splits
 
     def _records(self, split: str) -> list[Record]:
         records = self.splits.get(split, [])
         if not records:
-            raise DatasetFormatError(f"split {split!r} of {self.annotation_path()} has no images")
+            raise DatasetFormatError(f"split {split!r} of {self.source} has no images")
         return records
+
+    def _frozen_features(self) -> FrozenFeatures | None:
+        """Frozen towers' features for every record, computed once (by rank 0) and cached."""
+        if not self.feature_cache or self.trainer is None:
+            return None
+        if self.features is None:
+            self.features = compute_frozen_features(
+                self.trainer.lightning_module,
+                self.records,
+                FeatureCache(self.cache_dir or default_cache_dir()),
+                self.image_transform(training=False),
+                num_workers=self.num_workers,
+                progress=self.trainer.is_global_zero,
+                barrier=self.trainer.strategy.barrier,
+                is_writer=self.trainer.is_global_zero,
+            )
+        return self.features
 
     def image_transform(self, training: bool) -> Transform:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -123,7 +185,12 @@ class AlignmentDataModule(L.LightningDataModule):
                 f"the train split has {len(records)} images, fewer than one global batch "
                 f"(data.batch_size={self.batch_size} x {world} processes)"
             )
-        dataset = TrainPairs(records, self.image_transform(training=False), seed=self.seed)
+        dataset = TrainPairs(
+            records,
+            self.image_transform(training=False),
+            seed=self.seed,
+            features=self._frozen_features(),
+        )
         sampler = PairSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(
             dataset,
@@ -136,7 +203,11 @@ class AlignmentDataModule(L.LightningDataModule):
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
-        dataset = EvalImages(self._records(split), self.image_transform(training=False))
+        dataset = EvalImages(
+            self._records(split),
+            self.image_transform(training=False),
+            features=self._frozen_features(),
+        )
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,

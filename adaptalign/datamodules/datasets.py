@@ -2,13 +2,15 @@
 
 Training sees one caption per image per epoch, drawn from (seed, epoch, image), so two captions of
 one image never meet in a batch as false negatives and every caption is used over the epochs.
-Evaluation sees each image once with all its captions (Karpathy protocol).
+Evaluation sees each image once with all its captions (Karpathy protocol). When a tower is frozen,
+its cached features stand in for the raw input (``image_features`` / ``text_features``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +20,9 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from adaptalign.datamodules.records import DatasetFormatError, Record
+
+if TYPE_CHECKING:
+    from adaptalign.datamodules.frozen_features import FrozenFeatures
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -40,13 +45,28 @@ def load_image(path: Path) -> Image.Image:
         raise DatasetFormatError(f"{path}: cannot decode image ({exc})") from exc
 
 
+def _image_input(
+    record: Record, transform: Transform, features: FrozenFeatures | None
+) -> dict[str, Tensor]:
+    if features is not None and features.image is not None:
+        return {"image_features": features.image[record.image_id]}
+    return {"images": transform(load_image(record.image_path))}
+
+
 class TrainPairs(Dataset):
     """One (image, caption) pair per image; the caption is chosen by ``(seed, epoch, index)``."""
 
-    def __init__(self, records: Sequence[Record], transform: Transform, seed: int = 0) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Transform,
+        seed: int = 0,
+        features: FrozenFeatures | None = None,
+    ) -> None:
         self.records = list(records)
         self.transform = transform
         self.seed = seed
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.records)
@@ -59,25 +79,31 @@ class TrainPairs(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self.records[index]
         caption = self.caption_index(index, epoch)
-        return {
-            "images": self.transform(load_image(record.image_path)),
+        item = {
+            **_image_input(record, self.transform, self.features),
             "texts": record.captions[caption],
             "index": index,
             "image_id": record.image_id,
             "caption_index": caption,
             "objects": record.objects,
         }
+        if self.features is not None and self.features.text is not None:
+            item["text_features"] = self.features.text[record.image_id][caption]
+        return item
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    return {
-        "images": torch.stack([it["images"] for it in items]),
+    batch = {
         "texts": [it["texts"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
         "image_id": torch.tensor([it["image_id"] for it in items]),
         "caption_index": torch.tensor([it["caption_index"] for it in items]),
         "objects": [it["objects"] for it in items],
     }
+    for key in ("images", "image_features", "text_features"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
 
 
 class PairSampler(DistributedSampler):
@@ -94,9 +120,15 @@ class PairSampler(DistributedSampler):
 class EvalImages(Dataset):
     """Each image once with all its captions; caption ids are global positions in the split."""
 
-    def __init__(self, records: Sequence[Record], transform: Transform) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Transform,
+        features: FrozenFeatures | None = None,
+    ) -> None:
         self.records = list(records)
         self.transform = transform
+        self.features = features
         counts = [len(r.captions) for r in self.records]
         self.first_caption = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
 
@@ -106,17 +138,19 @@ class EvalImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         start = self.first_caption[index]
-        return {
-            "images": self.transform(load_image(record.image_path)),
+        item = {
+            **_image_input(record, self.transform, self.features),
             "image_id": record.image_id,
             "texts": list(record.captions),
             "text_id": list(range(start, start + len(record.captions))),
         }
+        if self.features is not None and self.features.text is not None:
+            item["text_features"] = self.features.text[record.image_id][: len(record.captions)]
+        return item
 
 
 def collate_eval(items: list[dict]) -> dict:
-    return {
-        "images": torch.stack([it["images"] for it in items]),
+    batch = {
         "image_id": torch.tensor([it["image_id"] for it in items]),
         "texts": [t for it in items for t in it["texts"]],
         "text_id": torch.tensor([i for it in items for i in it["text_id"]]),
@@ -124,3 +158,10 @@ def collate_eval(items: list[dict]) -> dict:
             [it["image_id"] for it in items for _ in it["texts"]], dtype=torch.long
         ),
     }
+    if "images" in items[0]:
+        batch["images"] = torch.stack([it["images"] for it in items])
+    else:
+        batch["image_features"] = torch.stack([it["image_features"] for it in items])
+    if "text_features" in items[0]:
+        batch["text_features"] = torch.cat([it["text_features"] for it in items])
+    return batch
