@@ -164,6 +164,9 @@ def main() -> None:
         args.compare_images, args.captions_per_image, args.dim, args.noise, args.seed + 1
     )
     sub_texts = sub[2].shape[0]
+    warm = make_data(50, args.captions_per_image, args.dim, args.noise, 1)
+    run_metric(warm, args.chunk_size)  # first calls pay one-off setup; keep it out of both timings
+    run_torchmetrics(warm)
     ours_times, tm_times, ours, theirs = [], [], {}, {}
     for _ in range(args.repeats):
         seconds, ours = run_metric(sub, args.chunk_size)
