@@ -13,6 +13,7 @@ import warnings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from adaptalign import compare
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.records import DatasetFormatError
@@ -49,6 +50,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point; user errors print ``adaptalign: error: ...`` and exit with status 2."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["compare"]:
+        return compare.main(argv[1:])
     # Frozen towers are in eval mode on purpose; say so once in the docs, not at every run.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

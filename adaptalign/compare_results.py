@@ -1,0 +1,247 @@
+"""The results of a comparison: per-run rows, their spread over seeds, a table and a plot.
+
+Pure functions from rows (one per finished run) to statistics, text and image bytes, so each
+figure can be checked by hand; :func:`write_results` alone touches files, each written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = (
+    "i2t_R@1",
+    "i2t_R@5",
+    "i2t_R@10",
+    "t2i_R@1",
+    "t2i_R@5",
+    "t2i_R@10",
+    "rsum",
+    "i2t_medr",
+    "t2i_medr",
+)
+CSV_FIELDS = (
+    "name",
+    "train_images",
+    "seed",
+    "train_size",
+    "best_epoch",
+    *METRICS,
+    "last_epoch",
+    "last_rsum",
+    "wall_seconds",
+)
+TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+
+
+def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[str, Any]:
+    """One CSV row from a run's ``summary.json``: its best validation by rsum, last rsum, time."""
+    best = summary.get("best") or {}
+    last = summary.get("last") or {}
+    row: dict[str, Any] = {
+        "name": name,
+        "train_images": train_images,
+        "seed": seed,
+        "train_size": summary.get("train_size"),
+        "best_epoch": best.get("epoch"),
+    }
+    row.update({metric: best.get(metric) for metric in METRICS})
+    row["last_epoch"] = last.get("epoch")
+    row["last_rsum"] = last.get("rsum")
+    row["wall_seconds"] = summary.get("wall_seconds")
+    return row
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean over seeds, sample standard deviation (ddof=1) and the 95% t-interval half-width."""
+
+    mean: float
+    std: float | None
+    half_width: float | None
+    n: int
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        if self.half_width is None:
+            return None
+        return (self.mean - self.half_width, self.mean + self.half_width)
+
+
+def describe(values: Sequence[float], confidence: float = 0.95) -> Stat:
+    """Spread over seeds; a single value has no standard deviation and no interval."""
+    from scipy import stats  # only reports need scipy
+
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return Stat(mean, None, None, n)
+    std = float(np.std(values, ddof=1))
+    quantile = float(stats.t.ppf((1 + confidence) / 2, df=n - 1))
+    return Stat(mean, std, quantile * std / math.sqrt(n), n)
+
+
+def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups rows by (name, train_images), in first-seen order, and describes each metric."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["name"], str(row["train_images"])), []).append(row)
+    result = []
+    for (name, train_images), members in groups.items():
+        stats: dict[str, Stat] = {}
+        for metric in (*METRICS, "last_rsum"):
+            values = [float(r[metric]) for r in members if r.get(metric) not in (None, "")]
+            if values:
+                stats[metric] = describe(values)
+        sizes = [int(r["train_size"]) for r in members if r.get("train_size") not in (None, "")]
+        result.append(
+            {
+                "name": name,
+                "train_images": train_images,
+                "train_size": int(np.median(sizes)) if sizes else None,
+                "seeds": [int(r["seed"]) for r in members],
+                "stats": stats,
+            }
+        )
+    return result
+
+
+def format_stat(stat: Stat | None, digits: int = 1) -> str:
+    if stat is None:
+        return "-"
+    if stat.std is None:
+        return f"{stat.mean:.{digits}f}"
+    return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
+
+
+def format_interval(stat: Stat | None, digits: int = 1) -> str:
+    if stat is None:
+        return "-"
+    interval = stat.interval
+    if interval is None:
+        return f"n={stat.n}"
+    return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
+    """One row per (config, training size): mean ± std over seeds and rsum's 95% interval."""
+    header = ["config", "train images", "seeds"]
+    header += [
+        m.replace("_", " ").replace("i2t", "i→t").replace("t2i", "t→i") for m in TABLE_METRICS
+    ]
+    header += ["rsum 95% CI", "rsum (last epoch)"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
+    ]
+    for group in groups:
+        stats = group["stats"]
+        cells = [group["name"], group["train_images"], str(len(group["seeds"]))]
+        cells += [format_stat(stats.get(metric)) for metric in TABLE_METRICS]
+        cells += [format_interval(stats.get("rsum")), format_stat(stats.get("last_rsum"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(groups: Sequence[dict[str, Any]]) -> str:
+    return (
+        "# Comparison\n\n"
+        "Retrieval on the validation split, in %; each run contributes its best validation by "
+        "rsum. That is model selection on the evaluation split itself (a dev figure, slightly "
+        "optimistic); the last column is the last epoch's rsum. Cells are mean ± sample "
+        "standard deviation (ddof=1) over seeds; the interval is the 95% Student-t interval of "
+        "the mean rsum. A single seed shows its value and `n=1`.\n\n" + markdown_table(groups)
+    )
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Readers (and an interrupted report) never see a half-written result file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def plot_png(groups: Sequence[dict[str, Any]]) -> bytes:
+    """rsum and t→i R@1 against training images, one line per config, 95% intervals as bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 2)
+    names = list(dict.fromkeys(g["name"] for g in groups))
+    xs_all: set[float] = set()
+    for axis, metric, label in (
+        (panels[0], "rsum", "rsum (best val epoch)"),
+        (panels[1], "t2i_R@1", "t→i R@1 (%, best val epoch)"),
+    ):
+        for index, name in enumerate(names):
+            dodge = 1.02 ** (index - (len(names) - 1) / 2)  # keep overlapping bars apart
+            points = []
+            for group in groups:
+                stat = group["stats"].get(metric)
+                x = _x_value(group)
+                if group["name"] == name and stat is not None and x is not None:
+                    points.append((x * dodge, stat.mean, stat.half_width or 0.0))
+            if not points:
+                continue
+            points.sort()
+            xs, means, errors = (list(v) for v in zip(*points, strict=True))
+            xs_all.update(x / dodge for x in xs)
+            axis.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name)
+        axis.set_xlabel("training images")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    for axis in panels:
+        if len(xs_all) > 1 and min(xs_all) > 0:
+            axis.set_xscale("log")
+            axis.set_xticks(sorted(xs_all))
+            axis.xaxis.set_major_formatter(ScalarFormatter())
+            axis.xaxis.set_minor_formatter(NullFormatter())
+    if panels[0].get_legend_handles_labels()[0]:
+        panels[0].legend()
+    figure.suptitle("mean over seeds, 95% t-interval")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def _x_value(group: dict[str, Any]) -> float | None:
+    """The training set's actual size when the runs recorded it, else the requested count."""
+    if group.get("train_size") is not None:
+        return float(group["train_size"])
+    try:
+        return float(group["train_images"])
+    except ValueError:
+        return None
+
+
+def write_results(output: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Writes ``results.csv``, ``results.md`` and ``results.png``; returns the groups."""
+    groups = aggregate(rows)
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomic(output / "results.csv", csv_text(rows))
+    write_atomic(output / "results.md", report_markdown(groups))
+    write_atomic(output / "results.png", plot_png(groups))
+    return groups

@@ -1,0 +1,254 @@
+"""Running a comparison: one ``adaptalign fit`` process per run, each in a folder of its own.
+
+A run is finished when its ``summary.json`` exists (the :class:`RunSummary` callback writes it
+atomically at the end of ``fit``), so re-running a comparison skips finished runs and resumes after
+an interruption; an unfinished run starts again from scratch, so results never depend on where an
+interruption happened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adaptalign.compare_results import summary_row
+
+TrainImages = int | float | None
+LOG_TAIL_LINES = 15
+
+
+def size_label(train_images: TrainImages) -> str:
+    return "all" if train_images is None else str(train_images)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``adaptalign fit`` of the comparison and the folder it owns."""
+
+    name: str
+    config: str
+    train_images: TrainImages
+    seed: int
+    folder: Path
+
+    @property
+    def summary_path(self) -> Path:
+        return self.folder / "summary.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "log.txt"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} n={size_label(self.train_images)} seed={self.seed}"
+
+    def finished(self) -> bool:
+        return self.summary_path.is_file()
+
+
+def fit_command(run: Run, overrides: Sequence[str]) -> list[str]:
+    """The ``adaptalign fit`` of one run: its seed, data size, folder, logger and summary."""
+    folder = str(run.folder)
+    layers = [arg for part in run.config.split("+") for arg in ("--config", part)]
+    command = [sys.executable, "-m", "adaptalign", "fit", *layers]
+    command += ["--seed_everything", str(run.seed), "--data.seed", str(run.seed)]
+    if run.train_images is not None:
+        command += ["--data.train_images", str(run.train_images)]
+    command += [
+        "--trainer.default_root_dir",
+        folder,
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir",
+        folder,
+        "--trainer.logger.name",
+        "",
+        "--trainer.callbacks+=adaptalign.callbacks.run_summary.RunSummary",
+        f"--trainer.callbacks.output_path={run.summary_path}",
+    ]
+    return [*command, *overrides]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one run went: its exit status, duration and the last lines of its log."""
+
+    run: Run
+    returncode: int
+    seconds: float
+    log_tail: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.run.finished()
+
+    @property
+    def reason(self) -> str:
+        if self.returncode != 0:
+            return f"exit {self.returncode}"
+        return "ended without writing summary.json"
+
+
+def execute(run: Run, overrides: Sequence[str]) -> Outcome:
+    """Runs one fit from scratch in its own process, its output going to ``log.txt``."""
+    if run.folder.exists():  # an unfinished attempt: never mix its logs or checkpoints in
+        shutil.rmtree(run.folder)
+    run.folder.mkdir(parents=True)
+    command = fit_command(run, overrides)
+    record = {
+        "name": run.name,
+        "config": run.config,
+        "train_images": run.train_images,
+        "seed": run.seed,
+        "arguments": command[1:],
+    }
+    (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    started = time.monotonic()
+    with run.log_path.open("w") as log:
+        log.write(f"$ {shlex.join(command)}\n\n")
+        log.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        returncode = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+        ).returncode
+    seconds = time.monotonic() - started
+    tail = run.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    return Outcome(run, returncode, seconds, tail)
+
+
+def recorded_arguments(run: Run) -> list[str] | None:
+    try:
+        return json.loads((run.folder / "run.json").read_text()).get("arguments")
+    except (OSError, ValueError):
+        return None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+class Progress:
+    """Progress lines and an ETA from the mean duration so far, safe to call from worker threads."""
+
+    def __init__(self, total: int, to_run: int, jobs: int) -> None:
+        self.total, self.to_run, self.jobs = total, to_run, jobs
+        self.durations: list[float] = []
+        self.lock = threading.Lock()
+
+    def say(self, index: int, run: Run, text: str) -> None:
+        with self.lock:
+            print(f"[{index + 1}/{self.total}] {run.label} {text}", flush=True)
+
+    def eta(self, seconds: float) -> str:
+        with self.lock:
+            self.durations.append(seconds)
+            remaining = self.to_run - len(self.durations)
+            if remaining <= 0:
+                return ""
+            rounds = math.ceil(remaining / self.jobs)
+            return f"; ETA {format_duration(rounds * float(np.mean(self.durations)))}"
+
+
+def run_one(index: int, run: Run, overrides: Sequence[str], progress: Progress) -> Outcome:
+    progress.say(index, run, "started")
+    outcome = execute(run, overrides)
+    took, eta = format_duration(outcome.seconds), progress.eta(outcome.seconds)
+    if outcome.ok:
+        progress.say(index, run, f"done in {took} ({headline(run)}){eta}")
+    else:
+        progress.say(index, run, f"FAILED ({outcome.reason}) in {took}; see {run.log_path}{eta}")
+    return outcome
+
+
+def run_all(runs: list[Run], overrides: Sequence[str], jobs: int = 1) -> list[Outcome]:
+    """Runs every unfinished run, ``jobs`` at a time; a failure never stops the others.
+
+    Returns the failed runs' outcomes.
+    """
+    todo = [(index, run) for index, run in enumerate(runs) if not run.finished()]
+    progress = Progress(len(runs), len(todo), jobs)
+    for index, run in enumerate(runs):
+        if run.finished():
+            note = ""
+            previous = recorded_arguments(run)
+            if previous is not None and previous != fit_command(run, overrides)[1:]:
+                note = "; note: it ran with other arguments, delete its summary.json to re-run"
+            progress.say(index, run, f"skipped (finished){note}")
+    # Threads only wait on their fit processes, so they parallelise even under the GIL.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        outcomes = list(pool.map(lambda item: run_one(*item, overrides, progress), todo))
+    return [outcome for outcome in outcomes if not outcome.ok]
+
+
+def headline(run: Run) -> str:
+    best = json.loads(run.summary_path.read_text()).get("best") or {}
+    if not best:
+        return "no validation"
+    parts = [f"{k.replace('_', ' ')} {best[k]:.1f}" for k in ("i2t_R@1", "t2i_R@1") if k in best]
+    if "rsum" in best:
+        parts.append(f"rsum {best['rsum']:.1f}")
+    return ", ".join(parts)
+
+
+def finished_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
+    return [
+        summary_row(
+            run.name,
+            size_label(run.train_images),
+            run.seed,
+            json.loads(run.summary_path.read_text()),
+        )
+        for run in runs
+        if run.finished()
+    ]
+
+
+def discover_runs(output: Path) -> list[Run]:
+    """Every run under ``OUTPUT/runs`` that recorded its settings, for a report without a plan."""
+    runs = []
+    for record_path in sorted((output / "runs").glob("*/*/*/run.json")):
+        record = json.loads(record_path.read_text())
+        runs.append(
+            Run(
+                record["name"],
+                record["config"],
+                record["train_images"],
+                int(record["seed"]),
+                record_path.parent,
+            )
+        )
+    return runs
+
+
+def report_order(runs: list[Run], names: Sequence[str] | None = None) -> list[Run]:
+    """Config (in the given order), then training size, then seed: the order of the tables."""
+    order = {name: i for i, name in enumerate(names or sorted({r.name for r in runs}))}
+
+    def size_key(size: TrainImages) -> tuple[int, float]:
+        return (1, 0.0) if size is None else (0, float(size))
+
+    return sorted(
+        runs, key=lambda r: (order.get(r.name, len(order)), size_key(r.train_images), r.seed)
+    )

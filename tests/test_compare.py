@@ -1,0 +1,343 @@
+"""``adaptalign compare``: statistics checked by hand, the run summary, real tiny comparisons."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.trainer.states import TrainerFn
+from scipy import stats
+
+from adaptalign.callbacks.run_summary import RunSummary
+from adaptalign.compare import build_parser, main, own_options, resolve_settings, split_overrides
+from adaptalign.compare_results import aggregate, describe, markdown_table, summary_row
+from adaptalign.lightning_modules.cli import main as cli_main
+
+TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_describe_matches_hand_computation() -> None:
+    values = [170.0, 176.25, 181.0]
+    mean = (170.0 + 176.25 + 181.0) / 3  # 175.75
+    std = math.sqrt(((-5.75) ** 2 + 0.5**2 + 5.25**2) / 2)  # ddof=1
+    half = stats.t.ppf(0.975, df=2) * std / math.sqrt(3)
+    stat = describe(values)
+    assert stat.n == 3
+    assert stat.mean == pytest.approx(mean)
+    assert stat.std == pytest.approx(std)
+    assert stat.half_width == pytest.approx(half)
+    assert stat.interval == pytest.approx((mean - half, mean + half))
+    single = describe([42.0])
+    assert (single.mean, single.std, single.half_width, single.interval) == (42.0, None, None, None)
+
+
+def row(name: str, size: str, seed: int, recalls: list[float], last_rsum: float) -> dict:
+    keys = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
+    values = dict(zip(keys, recalls, strict=True))
+    return {
+        "name": name,
+        "train_images": size,
+        "seed": seed,
+        "train_size": int(size) if size.isdigit() else 48,
+        **values,
+        "rsum": sum(recalls),
+        "last_rsum": last_rsum,
+    }
+
+
+ROWS = [
+    row("a", "16", 0, [10, 30, 40, 5, 20, 50], 150),  # rsum 155
+    row("a", "16", 1, [12, 30, 44, 6, 25, 50], 160),  # rsum 167
+    row("a", "16", 2, [14, 30, 48, 7, 30, 50], 170),  # rsum 179
+    row("b", "all", 0, [20, 40, 60, 10, 30, 40], 190),  # rsum 200, a single seed
+]
+
+
+def test_aggregate_groups_by_config_and_size() -> None:
+    groups = aggregate(ROWS)
+    assert [(g["name"], g["train_images"], g["seeds"]) for g in groups] == [
+        ("a", "16", [0, 1, 2]),
+        ("b", "all", [0]),
+    ]
+    a, b = (g["stats"] for g in groups)
+    assert a["i2t_R@1"].mean == pytest.approx(12.0) and a["i2t_R@1"].std == pytest.approx(2.0)
+    assert a["t2i_R@5"].std == pytest.approx(5.0)
+    assert a["rsum"].mean == pytest.approx(167.0) and a["rsum"].std == pytest.approx(12.0)
+    half = stats.t.ppf(0.975, df=2) * 12.0 / math.sqrt(3)
+    assert a["rsum"].interval == pytest.approx((167.0 - half, 167.0 + half))
+    assert b["rsum"].mean == pytest.approx(200.0) and b["rsum"].interval is None
+    assert groups[0]["train_size"] == 16 and groups[1]["train_size"] == 48
+
+
+def test_markdown_table_shows_mean_std_interval_and_seed_count() -> None:
+    table = markdown_table(aggregate(ROWS)).splitlines()
+    assert table[0].startswith("| config | train images | seeds | i→t R@1 | i→t R@5 |")
+    assert "| rsum | rsum 95% CI | rsum (last epoch) |" in table[0]
+    half = stats.t.ppf(0.975, df=2) * 12.0 / math.sqrt(3)
+    assert table[2] == (
+        "| a | 16 | 3 | 12.0 ± 2.0 | 30.0 ± 0.0 | 44.0 ± 4.0 | 6.0 ± 1.0 | 25.0 ± 5.0 | "
+        f"50.0 ± 0.0 | 167.0 ± 12.0 | [{167 - half:.1f}, {167 + half:.1f}] | 160.0 ± 10.0 |"
+    )
+    # One seed: the values alone, and n=1 where the interval would be.
+    assert table[3] == (
+        "| b | all | 1 | 20.0 | 40.0 | 60.0 | 10.0 | 30.0 | 40.0 | 200.0 | n=1 | 190.0 |"
+    )
+
+
+# ----------------------------------------------------------------------------- run summary
+
+
+def fake_trainer(epoch: int, metrics: dict[str, float], sanity: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(
+        sanity_checking=sanity,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        current_epoch=epoch,
+        global_step=3 * (epoch + 1),
+        callback_metrics={k: torch.tensor(v) for k, v in metrics.items()},
+        is_global_zero=True,
+        train_dataloader=SimpleNamespace(dataset=range(48)),
+    )
+
+
+def test_run_summary_keeps_best_last_and_history_across_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    target = tmp_path / "run" / "summary.json"
+    first = RunSummary(str(target))
+    first.on_fit_start(None, None)
+    first.on_validation_end(fake_trainer(0, {"val/rsum": 999.0}, sanity=True), None)
+    for epoch, rsum in ((0, 100.0), (1, 150.0)):
+        metrics = {"val/rsum": rsum, "val/i2t_R@1": rsum / 10, "train/loss": 1.0}
+        first.on_validation_end(fake_trainer(epoch, metrics), None)
+    state = first.state_dict()
+
+    resumed = RunSummary(str(target))  # as a run restarted from its checkpoint
+    resumed.load_state_dict(state)
+    resumed.on_fit_start(None, None)
+    resumed.on_validation_end(fake_trainer(2, {"val/rsum": 120.0, "val/i2t_R@1": 12.0}), None)
+    resumed.on_fit_end(fake_trainer(3, {}), None)
+
+    summary = json.loads(target.read_text())
+    assert [entry["epoch"] for entry in summary["history"]] == [0, 1, 2]  # sanity check skipped
+    assert summary["best"] == {"epoch": 1, "step": 6, "rsum": 150.0, "i2t_R@1": 15.0}
+    assert summary["last"]["epoch"] == 2 and summary["last"]["rsum"] == 120.0
+    assert summary["seed"] == 7 and summary["train_size"] == 48
+    assert summary["epochs"] == 3 and summary["global_step"] == 12
+    assert summary["wall_seconds"] >= round(state["wall_seconds"], 3) >= 0  # times add up
+    assert [p.name for p in target.parent.iterdir()] == ["summary.json"]  # no temporary left
+
+    csv_row = summary_row("x", "16", 7, summary)
+    assert (csv_row["best_epoch"], csv_row["rsum"], csv_row["last_rsum"]) == (1, 150.0, 120.0)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_override_arguments_pass_through_to_every_run() -> None:
+    parser = build_parser()
+    argv = ["--seeds", "0", "--override", "--trainer.max_epochs=3", "--model.lr", "0.1"]
+    argv += ["--dry-run", "--", "--config", "extra.yaml"]
+    own, overrides = split_overrides(argv, own_options(parser))
+    assert own == ["--seeds", "0", "--dry-run"]
+    assert overrides == ["--trainer.max_epochs=3", "--model.lr", "0.1", "--config", "extra.yaml"]
+
+
+def test_comparison_file_with_command_line_precedence(tmp_path: Path, capsys) -> None:
+    spec = tmp_path / "comparison.yaml"
+    spec.write_text(
+        "configs:\n"
+        f"  - {{name: first, config: {TINY}}}\n"
+        f"  - {TINY}\n"
+        "seeds: [0, 1, 2]\n"
+        "train_images: [16, all]\n"
+        f"output: {tmp_path / 'out'}\n"
+        "overrides: [--trainer.max_epochs=2]\n"
+    )
+    parser = build_parser()
+    argv = ["--config", str(spec), "--names", "first", "second", "--seeds", "5"]
+    argv += ["--override", "--model.lr=0.1"]
+    own, overrides = split_overrides(argv, own_options(parser))
+    settings = resolve_settings(parser.parse_args(own), overrides)
+    assert settings.names == ["first", "second"] and settings.seeds == [5]
+    assert settings.train_images == [16, None]
+    assert settings.overrides == ["--trainer.max_epochs=2", "--model.lr=0.1"]
+
+    main([*argv, "--dry-run"])
+    printed = capsys.readouterr().out
+    assert "4 runs (0 finished)" in printed
+    assert "[1/4] first n=16 seed=5 (to run)" in printed
+    assert "[4/4] second n=all seed=5 (to run)" in printed
+    assert "--data.train_images 16 " in printed and "runs/second/nall/seed5 " in printed
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_the_example_comparison_plans_fixed_vs_learnable_temperature(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    repository = Path(__file__).parent.parent
+    monkeypatch.chdir(repository)  # the example's paths are relative to the repository root
+    fixed, learnable = (
+        yaml.safe_load((repository / f"configs/generated/{kind}_temperature.yaml").read_text())
+        for kind in ("fixed", "learnable")
+    )
+    assert fixed["model"].pop("learn_temperature") is False
+    assert learnable["model"].pop("learn_temperature") is True
+    assert fixed == learnable and "logger" not in fixed["trainer"]
+
+    main(["--config", "configs/compare/generated_temperature.yaml", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("18 runs")
+    assert "[1/18] fixed n=500 seed=0" in printed and "[18/18] learnable n=2000 seed=2" in printed
+
+
+def test_repeated_names_are_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--configs", TINY, TINY, "--output", "unused"])
+    assert exit_info.value.code == 2
+    assert "repeat" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+def compare(output: Path, tiny_text_model: str, *extra: str) -> tuple[int, str, str]:
+    """``adaptalign compare`` through the real entry point; returns exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            text_model = f"--model.text_tower.model_name={tiny_text_model}"
+            cli_main(
+                [
+                    "compare",
+                    "--seeds",
+                    "0",
+                    "1",
+                    "--output",
+                    str(output),
+                    *extra,
+                    "--override",
+                    text_model,
+                ]
+            )
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny_text_model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One real comparison: the tiny config, 2 seeds x 16 and 32 training images."""
+    root = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADAPTALIGN_CACHE", str(root / "cache"))
+        patch.setenv("OMP_NUM_THREADS", "1")  # one core per run: two runs share the two cores
+        code, out, err = compare(root / "out", tiny_text_model, *COMMAND)
+    assert code == 0, out + err
+    return root / "out", out
+
+
+COMMAND = ("--configs", TINY, "--train-images", "16", "32", "--jobs", "2")
+
+
+def run_files(output: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(output)): p.stat().st_mtime_ns
+        for p in (output / "runs").rglob("*")
+        if p.is_file()
+    }
+
+
+def test_comparison_writes_summaries_and_results(comparison: tuple[Path, str]) -> None:
+    output, printed = comparison
+    for label in ("tiny n=16 seed=0", "tiny n=32 seed=0", "tiny n=16 seed=1", "tiny n=32 seed=1"):
+        assert f"{label} started" in printed and f"{label} done in" in printed
+    assert "[1/4] tiny n=16 seed=0 started" in printed and "rsum" in printed
+
+    with (output / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["train_images"], r["seed"]) for r in rows] == [
+        ("16", "0"),
+        ("16", "1"),
+        ("32", "0"),
+        ("32", "1"),
+    ]
+    for r in rows:
+        folder = output / "runs" / "tiny" / f"n{r['train_images']}" / f"seed{r['seed']}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert {"best", "last", "history"} <= summary.keys() and summary["history"]
+        assert summary["seed"] == int(r["seed"])
+        assert summary["train_size"] == int(r["train_images"]) == int(r["train_size"])
+        best = max(summary["history"], key=lambda entry: entry["rsum"])
+        assert float(r["rsum"]) == pytest.approx(best["rsum"])
+        assert float(r["last_rsum"]) == pytest.approx(summary["last"]["rsum"])
+        assert int(r["best_epoch"]) == best["epoch"]
+        assert list(folder.glob("version_0/events.out.tfevents.*"))  # TensorBoard per run
+
+    markdown = (output / "results.md").read_text()
+    assert "| tiny | 16 | 2 |" in markdown and "| tiny | 32 | 2 |" in markdown
+    assert (output / "results.png").read_bytes().startswith(b"\x89PNG")
+    assert (output / "comparison.yaml").stat().st_size > 0
+
+
+@pytest.fixture()
+def same_environment(comparison: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    output, _ = comparison
+    monkeypatch.setenv("ADAPTALIGN_CACHE", str(output.parent / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return output
+
+
+def test_rerunning_the_same_command_skips_every_finished_run(
+    same_environment: Path, tiny_text_model: str
+) -> None:
+    output = same_environment
+    before = run_files(output)
+    code, printed, _ = compare(output, tiny_text_model, *COMMAND)
+    assert code == 0
+    assert printed.count("skipped (finished)") == 4 and "started" not in printed
+    assert run_files(output) == before  # no new file, none rewritten
+    with (output / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+
+
+def test_a_deleted_summary_reruns_that_run_and_failures_do_not_stop_the_rest(
+    same_environment: Path, tiny_text_model: str
+) -> None:
+    """Delete one summary and add a size larger than the 48-image split, which fails per seed.
+
+    Three runs at a time keep the test short; each failure is an ordinary result of the pool, so
+    the order in which runs end does not matter.
+    """
+    output = same_environment
+    before = run_files(output)
+    (output / "runs" / "tiny" / "n32" / "seed1" / "summary.json").unlink()
+    code, printed, errors = compare(output, tiny_text_model, *COMMAND[:-2], "64", "--jobs", "3")
+    assert code == 1
+    assert printed.count("skipped (finished)") == 3 and printed.count("started") == 3
+    assert "tiny n=32 seed=1 done in" in printed
+    assert "tiny n=64 seed=0 FAILED (exit 2)" in printed
+    assert "tiny n=64 seed=1 FAILED (exit 2)" in printed
+    assert "2 of 6 runs failed" in errors
+    assert "train_images=64 but the train split has only 48 images" in errors  # log's last lines
+
+    after = run_files(output)
+    for name, mtime in before.items():
+        if not name.startswith("runs/tiny/n32/seed1/"):
+            assert after[name] == mtime, name  # only the deleted run ran again
+    assert "runs/tiny/n32/seed1/summary.json" in after
+    assert not (output / "runs" / "tiny" / "n64" / "seed0" / "summary.json").exists()
+    with (output / "results.csv").open() as handle:  # the report covers the finished runs
+        assert len(list(csv.DictReader(handle))) == 4
