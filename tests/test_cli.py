@@ -200,3 +200,26 @@ def test_two_process_ddp_fit_on_cpu(tiny_text_model: str, tmp_path: Path) -> Non
     state = torch.load(ckpt, weights_only=False)
     # 48 train images, 16 per process-batch, 2 processes: one full global batch per epoch.
     assert state["global_step"] == 1
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["configs/quickstart.yaml"],
+        ["configs/flickr8k/base.yaml"],
+        ["configs/flickr8k/base.yaml", "configs/flickr8k/fixed_temperature.yaml"],
+        ["configs/generated/fixed_temperature.yaml"],
+    ],
+)
+def test_shipped_configs_parse(configs: list[str], capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shipped config (and overlay) is valid for the CLI, without touching any data."""
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *(arg for c in configs for arg in ("--config", c)), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    if "fixed_temperature.yaml" in configs[-1]:
+        assert printed["model"]["learn_temperature"] is False
+    if "flickr8k" in configs[0]:
+        assert printed["model"]["image_tower"]["freeze"] is True
+        assert printed["data"]["format"] == "flickr8k"

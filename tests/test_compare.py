@@ -202,6 +202,21 @@ def test_the_example_comparison_plans_fixed_vs_learnable_temperature(
     assert "[1/18] fixed n=500 seed=0" in printed and "[18/18] learnable n=2000 seed=2" in printed
 
 
+def test_layered_configs_become_repeated_config_arguments(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The Flickr8k baseline layers a method overlay on a base config, as repeated --config."""
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    main(["--config", "configs/compare/flickr8k_baseline.yaml", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("18 runs")
+    layered = (
+        "fit --config configs/flickr8k/base.yaml --config configs/flickr8k/fixed_temperature.yaml"
+    )
+    assert layered in printed
+    assert "[18/18] learnable n=6000 seed=2" in printed
+
+
 def test_repeated_names_are_refused(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--configs", TINY, TINY, "--output", "unused"])

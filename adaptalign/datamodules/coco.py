@@ -7,7 +7,6 @@ strictly and errors name the file, list index and field, as for the Karpathy rea
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptalign.datamodules.flickr import SHOWN, seeded_split, shorten
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.records import DatasetFormatError, Record, load_json_object
 from adaptalign.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -62,22 +61,7 @@ def _top_list(path: Path, top: dict[str, Any], field: str, shape: str) -> list[A
 
 def _load(path: Path) -> tuple[list[Any], list[Any]]:
     """The ``images`` and ``annotations`` lists of a caption file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetFormatError(f"{path}: cannot read the file ({exc})") from exc
-    try:
-        top = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(
-            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-            "expected a COCO caption file"
-        ) from exc
-    if not isinstance(top, dict):
-        raise DatasetFormatError(
-            f"{path}: top level is a JSON {type(top).__name__}; "
-            'expected an object like {"images": [...], "annotations": [...]}'
-        )
+    top = load_json_object(path, "a COCO caption file", '{"images": [...], "annotations": [...]}')
     images = _top_list(path, top, "images", "a list of {id, file_name} objects")
     annotations = _top_list(path, top, "annotations", "a list of {image_id, caption} objects")
     return images, annotations

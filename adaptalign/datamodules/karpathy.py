@@ -15,29 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.records import DatasetFormatError, Record, load_json_object
 
 SPLITS: dict[str, str] = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
 def _load_top(path: Path) -> list[Any]:
     """The ``images`` list of the file, after checking the file is a JSON object holding one."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetFormatError(f"{path}: cannot read the file ({exc})") from exc
-    try:
-        top = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(
-            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-            "expected a Karpathy split JSON file"
-        ) from exc
-    if not isinstance(top, dict):
-        raise DatasetFormatError(
-            f"{path}: top level is a JSON {type(top).__name__}; "
-            'expected an object like {"images": [...], "dataset": ...}'
-        )
+    top = load_json_object(path, "a Karpathy split JSON file", '{"images": [...], "dataset": ...}')
     if "images" not in top:
         raise DatasetFormatError(f"{path}: top-level field 'images' is missing; expected a list")
     images = top["images"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class DatasetFormatError(ValueError):
@@ -28,3 +30,23 @@ class Record:
     image_id: int
     split: str
     objects: tuple[str, ...] = ()
+
+
+def load_json_object(path: Path, what: str, example: str) -> dict[str, Any]:
+    """A JSON file's top-level object, or an error naming the file and what it should hold."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetFormatError(f"{path}: cannot read the file ({exc})") from exc
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(
+            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+            f"expected {what}"
+        ) from exc
+    if not isinstance(top, dict):
+        raise DatasetFormatError(
+            f"{path}: top level is a JSON {type(top).__name__}; expected an object like {example}"
+        )
+    return top
