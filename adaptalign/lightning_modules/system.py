@@ -186,6 +186,10 @@ class AlignmentModule(L.LightningModule):
             )
         parts = {"loss_i2t": row_i2t.mean().detach(), "loss_t2i": row_t2i.mean().detach()}
         loss = controls.loss_scale * loss
+        if controls.temperature is not None and self.log_scale.requires_grad:
+            # A schedule replaced the learnable temperature this step; keep the parameter in the
+            # graph (with zero gradient) so DDP does not stall waiting for its gradient.
+            loss = loss + 0.0 * self.log_scale
         if controls.extra_losses:
             view = StepEmbeddings(image, text, all_image, all_text, batch)
             for name, (weight, fn) in controls.extra_losses.items():

@@ -1,0 +1,80 @@
+"""MM-TS schedule values against hand computations, refusals, and the controls it writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptalign.callbacks.temperature_schedule import TemperatureSchedule
+from adaptalign.errors import ConfigurationError
+
+
+def schedule(**kwargs: object) -> TemperatureSchedule:
+    s = TemperatureSchedule(total_steps=100, **kwargs)  # type: ignore[arg-type]
+    s.size_range = (2, 10)
+    return s
+
+
+def test_base_cosine_by_hand() -> None:
+    s = schedule(alpha=0.08, oscillations=5)  # period P = 100 / 5 = 20 steps
+    assert s.base(0) == pytest.approx(0.04)
+    assert s.base(5) == pytest.approx(0.0, abs=1e-12)  # a quarter period: cos(pi/2)
+    assert s.base(10) == pytest.approx(-0.04)
+    assert s.base(20) == pytest.approx(0.04)
+    assert s.base(25) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cluster_shift_and_per_sample_values_by_hand() -> None:
+    s = schedule(alpha=0.08, oscillations=5, shift_min=0.05, shift_max=0.20)
+    sizes = torch.tensor([2, 6, 10])  # smallest, middle, largest of the range (2, 10)
+    assert s.shift(sizes).tolist() == pytest.approx([0.05, 0.125, 0.20])
+    # step 10: base -0.04
+    assert s.values(10, sizes).tolist() == pytest.approx([0.01, 0.085, 0.16])
+    assert float(s.values(10, sizes).min()) > 0
+
+
+def test_unimodal_schedule_by_hand() -> None:
+    s = TemperatureSchedule.unimodal(t_min=0.1, t_max=1.0, oscillations=5, total_steps=100)
+    sizes = torch.zeros(3)
+    assert s.values(0, sizes).tolist() == pytest.approx([1.0] * 3)  # t_max at the start
+    assert s.values(10, sizes).tolist() == pytest.approx([0.1] * 3)  # t_min at half a period
+    assert s.values(5, sizes).tolist() == pytest.approx([0.55] * 3)
+
+
+def test_margin_schedule_defaults() -> None:
+    s = schedule(alpha=0.2, oscillations=5, shift_min=0.17, shift_max=0.30, target="margin")
+    assert s.values(0, torch.tensor([2, 10])).tolist() == pytest.approx([0.27, 0.40])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 0.12, "shift_min": 0.05}, r"alpha/2=0.06 must be < shift_min=0.05"),
+        ({"alpha": 0.1, "shift_min": 0.05}, r"alpha/2=0.05 must be < shift_min=0.05"),
+        ({"shift_min": 0.2, "shift_max": 0.1}, r"shift_max=0.1 < shift_min=0.2"),
+        ({"oscillations": 0}, r"oscillations=0; expected >= 1"),
+    ],
+)
+def test_settings_that_could_reach_zero_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        TemperatureSchedule(**kwargs)
+
+
+def test_unimodal_refuses_non_positive_bounds() -> None:
+    with pytest.raises(ConfigurationError, match="expected 0 < t_min <= t_max"):
+        TemperatureSchedule.unimodal(t_min=0.0, t_max=1.0)
+
+
+def test_missing_cluster_sizes_is_a_clear_error() -> None:
+    s = TemperatureSchedule(total_steps=10)
+    with pytest.raises(ConfigurationError, match="needs the data's cluster sizes"):
+        s.values(0, torch.tensor([3]))
+
+
+def test_state_round_trip() -> None:
+    s = schedule()
+    restored = TemperatureSchedule()
+    restored.load_state_dict(s.state_dict())
+    sizes = torch.tensor([2, 7, 10])
+    for step in (0, 13, 57):
+        assert torch.equal(restored.values(step, sizes), s.values(step, sizes))
