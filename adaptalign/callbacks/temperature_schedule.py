@@ -6,10 +6,10 @@ Every training step the callback writes one temperature per sample into the syst
     shift(n) = s_min + (n - n_min) / (n_max - n_min) * (s_max - s_min)
 
 where ``t`` is the optimiser step, ``K`` the number of oscillations and ``n_i`` the size of the
-caption cluster of sample ``i`` (a larger cluster, a more common concept, gets a higher temperature).
-With ``cluster_shift=False`` every sample gets the mid shift and the schedule is the uni-modal one of
-Kukleva et al., ``tau(t) = t_min + (t_max - t_min) * (1 + cos(2 * pi * t / P)) / 2``; see
-:meth:`TemperatureSchedule.unimodal`. With ``target="margin"`` the same values become the
+caption cluster of sample ``i`` (a larger cluster, a more common concept, gets a higher
+temperature). With ``cluster_shift=False`` every sample gets the mid shift and the schedule is the
+uni-modal one of Kukleva et al., ``tau(t) = t_min + (t_max - t_min) * (1 + cos(2 pi t / P)) / 2``;
+see :meth:`TemperatureSchedule.unimodal`. With ``target="margin"`` the same values become the
 per-sample margins of the max-margin criterion.
 
 The value depends only on the global step, which Lightning restores on resume, so a resumed run
