@@ -209,6 +209,9 @@ def test_two_process_ddp_fit_on_cpu(tiny_text_model: str, tmp_path: Path) -> Non
         ["configs/flickr8k/base.yaml"],
         ["configs/flickr8k/base.yaml", "configs/flickr8k/fixed_temperature.yaml"],
         ["configs/generated/fixed_temperature.yaml"],
+        ["configs/quickstart.yaml", "configs/methods/cosine_temperature.yaml"],
+        ["configs/quickstart.yaml", "configs/methods/mmts_infonce.yaml"],
+        ["configs/flickr8k/base.yaml", "configs/methods/mmts_max_margin.yaml"],
     ],
 )
 def test_shipped_configs_parse(configs: list[str], capsys, monkeypatch: pytest.MonkeyPatch) -> None:

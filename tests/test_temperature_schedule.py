@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
 
-from adaptalign.callbacks.temperature_schedule import TemperatureSchedule
+from adaptalign.callbacks.temperature_schedule import (
+    CosineTemperatureSchedule,
+    TemperatureSchedule,
+)
+from adaptalign.datamodules.clusters import ClusterConfig
+from adaptalign.datamodules.datamodule import AlignmentDataModule
+from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.errors import ConfigurationError
+from tests.builders import tiny_module
 
 
 def schedule(**kwargs: object) -> TemperatureSchedule:
@@ -34,7 +45,7 @@ def test_cluster_shift_and_per_sample_values_by_hand() -> None:
 
 
 def test_unimodal_schedule_by_hand() -> None:
-    s = TemperatureSchedule.unimodal(t_min=0.1, t_max=1.0, oscillations=5, total_steps=100)
+    s = CosineTemperatureSchedule(t_min=0.1, t_max=1.0, oscillations=5, total_steps=100)
     sizes = torch.zeros(3)
     assert s.values(0, sizes).tolist() == pytest.approx([1.0] * 3)  # t_max at the start
     assert s.values(10, sizes).tolist() == pytest.approx([0.1] * 3)  # t_min at half a period
@@ -62,7 +73,7 @@ def test_settings_that_could_reach_zero_are_refused(kwargs: dict, message: str) 
 
 def test_unimodal_refuses_non_positive_bounds() -> None:
     with pytest.raises(ConfigurationError, match="expected 0 < t_min <= t_max"):
-        TemperatureSchedule.unimodal(t_min=0.0, t_max=1.0)
+        CosineTemperatureSchedule(t_min=0.0, t_max=1.0)
 
 
 def test_missing_cluster_sizes_is_a_clear_error() -> None:
@@ -78,3 +89,48 @@ def test_state_round_trip() -> None:
     sizes = torch.tensor([2, 7, 10])
     for step in (0, 13, 57):
         assert torch.equal(restored.values(step, sizes), s.values(step, sizes))
+
+
+class Recorder(L.Callback):
+    """What each step actually used: step, the batch's cluster sizes, per-sample temperatures."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1  # the optimiser step this batch was trained at
+        self.rows.append((step, batch["cluster_size"], outputs["statistics"].temperature))
+
+
+def test_per_sample_temperatures_reach_the_loss(tiny_text_model: str, tmp_path: Path) -> None:
+    """Fit with clustered data: every step's temperatures are the schedule's for its batch."""
+    data = AlignmentDataModule(
+        generated=GeneratedConfig(num_train=48, num_val=8, num_test=8, image_size=32),
+        cache_dir=str(tmp_path),
+        clusters=ClusterConfig(num_clusters=6, text_model=tiny_text_model),
+        batch_size=16,
+    )
+    module = tiny_module(tiny_text_model, learn_temperature=False)
+    schedule = TemperatureSchedule(alpha=0.08, oscillations=2, shift_min=0.05, shift_max=0.2)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[schedule, recorder],
+    )
+    trainer.fit(module, data)
+    assert schedule.total_steps == 6  # 48 / 16 batches x 2 epochs
+    sizes = data.cluster_sizes
+    assert schedule.size_range == (int(sizes.min()), int(sizes.max()))
+    assert int(sizes.sum()) == 48 * 5  # every training caption is in one cluster
+    assert len(recorder.rows) == 6
+    low, high = schedule.size_range
+    for step, batch_sizes, used in recorder.rows:
+        base = 0.04 * math.cos(2 * math.pi * step / 3)  # period 6 / 2 = 3 steps
+        expected = base + 0.05 + (batch_sizes.float() - low) / (high - low) * 0.15
+        assert torch.allclose(used, expected, atol=1e-6), step
+    assert len({round(float(u.std()), 6) for _, _, u in recorder.rows}) > 1  # really per sample

@@ -9,7 +9,7 @@ where ``t`` is the optimiser step, ``K`` the number of oscillations and ``n_i`` 
 caption cluster of sample ``i`` (a larger cluster, a more common concept, gets a higher
 temperature). With ``cluster_shift=False`` every sample gets the mid shift and the schedule is the
 uni-modal one of Kukleva et al., ``tau(t) = t_min + (t_max - t_min) * (1 + cos(2 pi t / P)) / 2``;
-see :meth:`TemperatureSchedule.unimodal`. With ``target="margin"`` the same values become the
+see :class:`CosineTemperatureSchedule`. With ``target="margin"`` the same values become the
 per-sample margins of the max-margin criterion.
 
 The value depends only on the global step, which Lightning restores on resume, so a resumed run
@@ -81,23 +81,6 @@ class TemperatureSchedule(L.Callback):
         self.histogram_every = histogram_every
         self.size_range: tuple[int, int] | None = None
 
-    @classmethod
-    def unimodal(
-        cls, t_min: float = 0.1, t_max: float = 1.0, oscillations: int = 5, **kwargs: object
-    ) -> TemperatureSchedule:
-        """The uni-modal schedule: between ``t_min`` and ``t_max``, no cluster shift."""
-        if not 0 < t_min <= t_max:
-            raise ConfigurationError(f"t_min={t_min}, t_max={t_max}; expected 0 < t_min <= t_max")
-        middle = (t_min + t_max) / 2
-        return cls(
-            alpha=t_max - t_min,
-            oscillations=oscillations,
-            shift_min=middle,
-            shift_max=middle,
-            cluster_shift=False,
-            **kwargs,  # type: ignore[arg-type]
-        )
-
     # ------------------------------------------------------------------ formulas
     def base(self, step: int) -> float:
         period = self.total_steps / self.oscillations  # type: ignore[operator]
@@ -161,3 +144,29 @@ class TemperatureSchedule(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.total_steps = state_dict["total_steps"]
         self.size_range = state_dict["size_range"]
+
+
+class CosineTemperatureSchedule(TemperatureSchedule):
+    """The uni-modal schedule: between ``t_min`` and ``t_max``, the same for every sample."""
+
+    def __init__(
+        self,
+        t_min: float = 0.1,
+        t_max: float = 1.0,
+        oscillations: int = 5,
+        total_steps: int | None = None,
+        histogram_every: int = 50,
+    ) -> None:
+        if not 0 < t_min <= t_max:
+            raise ConfigurationError(f"t_min={t_min}, t_max={t_max}; expected 0 < t_min <= t_max")
+        middle = (t_min + t_max) / 2
+        # alpha/2 < middle holds for any t_min > 0, so the base check cannot refuse it.
+        super().__init__(
+            alpha=t_max - t_min,
+            oscillations=oscillations,
+            shift_min=middle,
+            shift_max=middle,
+            cluster_shift=False,
+            total_steps=total_steps,
+            histogram_every=histogram_every,
+        )

@@ -8,13 +8,22 @@ or normalisation; a frozen tower's features come from the on-disk feature cache.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 
+from adaptalign.datamodules.clusters import (
+    ClusterConfig,
+    Clustering,
+    cluster_captions,
+    cluster_size_report,
+)
 from adaptalign.datamodules.datasets import (
+    CaptionClusters,
     EvalImages,
     PairSampler,
     TrainPairs,
@@ -31,6 +40,8 @@ from adaptalign.datamodules.image_check import check_images
 from adaptalign.datamodules.records import DatasetFormatError, Record
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 from adaptalign.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
 Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco"]
@@ -55,6 +66,9 @@ class AlignmentDataModule(L.LightningDataModule):
         verify_images: fully decode every image once before training (finds truncated files).
         skip_bad_images: leave out missing or unreadable images (logged) instead of failing.
         feature_cache: serve frozen towers' features from the cache instead of raw inputs.
+        clusters: long-tail caption clusters (SentenceBERT + k-means over the train split's
+            captions, cached); each training pair then carries ``cluster`` and ``cluster_size``
+            (counted over the captions actually trained on), as MM-TS schedules need.
         batch_size: training pairs per batch on each process; ``eval_batch_size``: images per
             evaluation batch (each with all its captions).
         predict_split: the split ``predict`` embeds.
@@ -76,6 +90,7 @@ class AlignmentDataModule(L.LightningDataModule):
         verify_images: bool = False,
         skip_bad_images: bool = False,
         feature_cache: bool = True,
+        clusters: ClusterConfig | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -100,6 +115,8 @@ class AlignmentDataModule(L.LightningDataModule):
         self.verify_images = verify_images
         self.skip_bad_images = skip_bad_images
         self.feature_cache = feature_cache
+        self.clusters = clusters
+        self.caption_clusters: CaptionClusters | None = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -142,7 +159,35 @@ class AlignmentDataModule(L.LightningDataModule):
         splits = {n: [r for r in self.records if r.split == n] for n in ("train", "val", "test")}
         train = nested_subset(splits["train"], self.train_images, self.seed)
         splits["train"] = cap_captions(train, self.captions_per_image)
+        if self.clusters is not None:
+            self.caption_clusters = self._cluster(splits["train"])
         self.splits = splits
+
+    @property
+    def cluster_sizes(self) -> np.ndarray | None:
+        """Sizes of the clusters present in the training data (what MM-TS shifts are scaled by)."""
+        if self.caption_clusters is None:
+            return None
+        sizes = self.caption_clusters.sizes
+        return sizes[sizes > 0]
+
+    def _cluster(self, train: list[Record]) -> CaptionClusters:
+        """Cluster every caption of the train split once; count sizes over the captions in use."""
+        full = [r for r in self.records if r.split == "train"]
+        clustering = cluster_captions(
+            [c for r in full for c in r.captions],
+            self.clusters,
+            FeatureCache(self.cache_dir or default_cache_dir()),
+        )
+        labels, start = {}, 0
+        for r in full:
+            labels[r.image_id] = clustering.labels[start : start + len(r.captions)]
+            start += len(r.captions)
+        used = np.concatenate([labels[r.image_id][: len(r.captions)] for r in train])
+        sizes = np.bincount(used, minlength=len(clustering.sizes))
+        report = cluster_size_report(Clustering.from_labels(used))
+        log.info("caption clusters over %d training captions: %s", len(used), report)
+        return CaptionClusters(labels=labels, sizes=sizes)
 
     def _records(self, split: str) -> list[Record]:
         records = self.splits.get(split, [])
@@ -190,6 +235,7 @@ class AlignmentDataModule(L.LightningDataModule):
             self.image_transform(training=False),
             seed=self.seed,
             features=self._frozen_features(),
+            clusters=self.caption_clusters,
         )
         sampler = PairSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(

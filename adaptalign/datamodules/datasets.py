@@ -9,6 +9,7 @@ its cached features stand in for the raw input (``image_features`` / ``text_feat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
     from adaptalign.datamodules.frozen_features import FrozenFeatures
 
 Transform = Callable[[Image.Image], Tensor]
+
+
+@dataclass
+class CaptionClusters:
+    """Each training caption's long-tail cluster, and each cluster's size in the training data."""
+
+    labels: dict[int, np.ndarray]  # image id -> cluster label of each of its captions
+    sizes: np.ndarray  # cluster label -> number of training captions in it
 
 
 def default_transform() -> Transform:
@@ -62,11 +71,13 @@ class TrainPairs(Dataset):
         transform: Transform,
         seed: int = 0,
         features: FrozenFeatures | None = None,
+        clusters: CaptionClusters | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.seed = seed
         self.features = features
+        self.clusters = clusters
 
     def __len__(self) -> int:
         return len(self.records)
@@ -89,6 +100,10 @@ class TrainPairs(Dataset):
         }
         if self.features is not None and self.features.text is not None:
             item["text_features"] = self.features.text[record.image_id][caption]
+        if self.clusters is not None:
+            label = int(self.clusters.labels[record.image_id][caption])
+            item["cluster"] = label
+            item["cluster_size"] = int(self.clusters.sizes[label])
         return item
 
 
@@ -103,6 +118,9 @@ def collate_pairs(items: list[dict]) -> dict:
     for key in ("images", "image_features", "text_features"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    for key in ("cluster", "cluster_size"):
+        if key in items[0]:
+            batch[key] = torch.tensor([it[key] for it in items])
     return batch
 
 

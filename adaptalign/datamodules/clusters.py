@@ -1,0 +1,272 @@
+"""Caption clusters and their sizes, so temperature schedules can treat rare concepts differently.
+
+Captions are embedded with a sentence-transformers model and grouped by k-means; a caption's
+cluster size says how common its concept is in the data (head) or how rare (tail). Both the
+embeddings and the labels go through the feature cache, keyed by the model's exact weights and the
+captions' text: a repeated run re-encodes nothing, and a new ``num_clusters`` re-runs only k-means.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptalign.datamodules.feature_cache import FeatureCache, digest, module_digest, text_digest
+from adaptalign.errors import ConfigurationError
+from adaptalign.lightning_modules.towers import TextTowerConfig, load_text_model
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "sklearn", "faiss"]
+Algorithm = Literal["sklearn-kmeans", "sklearn-minibatch", "faiss"]
+BACKENDS = ("auto", "sklearn", "faiss")
+
+# Above this many captions full k-means gets slow on a CPU; mini-batches stay within seconds.
+MINIBATCH_ABOVE = 20_000
+# Above this many captions "auto" prefers faiss when it is installed.
+FAISS_ABOVE = 50_000
+# Captions are short; the text tower's token budget keeps embeddings comparable with training.
+MAX_TOKENS = TextTowerConfig.max_length
+# Bump when the clustering procedure changes, so labels cached by an older one are not reused.
+LABELS_VERSION = "1"
+
+
+@dataclass
+class ClusterConfig:
+    """How many clusters, which text model embeds the captions, and how k-means runs."""
+
+    num_clusters: int = 200
+    text_model: str = "all-MiniLM-L6-v2"
+    seed: int = 0
+    backend: Backend = "auto"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("num_clusters", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"clusters.{name}={value!r}; expected an integer >= 1")
+        if self.backend not in BACKENDS:
+            raise ConfigurationError(
+                f"clusters.backend={self.backend!r}; expected one of {', '.join(BACKENDS)}"
+            )
+
+
+@dataclass
+class Clustering:
+    """One cluster label per caption and one size per cluster.
+
+    Labels are numbered by decreasing cluster size (ties by first appearance), so label 0 is the
+    largest cluster and the numbering does not depend on the k-means implementation's order.
+    """
+
+    labels: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray) -> Clustering:
+        """Renumber arbitrary labels by decreasing size; empty clusters disappear."""
+        raw = np.asarray(labels, dtype=np.int64)
+        ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts))
+        remap = np.zeros(int(ids.max()) + 1 if ids.size else 0, dtype=np.int64)
+        remap[ids[order]] = np.arange(ids.size, dtype=np.int64)
+        return cls(labels=remap[raw], sizes=counts[order].astype(np.int64))
+
+    def size_of(self, labels: np.ndarray) -> np.ndarray:
+        """The size of each given label's cluster (how common that caption's concept is)."""
+        return self.sizes[np.asarray(labels, dtype=np.int64)]
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def resolve_backend(backend: Backend, num_captions: int) -> Algorithm:
+    """The k-means implementation a run uses; it is part of the cache key for the labels."""
+    if backend == "faiss" and not faiss_available():
+        raise ConfigurationError(
+            "clusters.backend='faiss' but faiss is not installed; install faiss-cpu or faiss-gpu, "
+            "or use backend 'sklearn' or 'auto'"
+        )
+    if backend == "faiss" or (
+        backend == "auto" and num_captions > FAISS_ABOVE and faiss_available()
+    ):
+        return "faiss"
+    return "sklearn-minibatch" if num_captions > MINIBATCH_ABOVE else "sklearn-kmeans"
+
+
+def embed_captions(
+    model: nn.Module, captions: Sequence[str], batch_size: int, progress: bool
+) -> torch.Tensor:
+    """Unit-length embeddings, so k-means' Euclidean distance ranks like cosine similarity."""
+    embeddings = model.encode(
+        list(captions),
+        batch_size=batch_size,
+        show_progress_bar=progress,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+    )
+    return torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+
+
+def run_kmeans(
+    embeddings: np.ndarray, weights: np.ndarray, k: int, seed: int, algorithm: Algorithm
+) -> np.ndarray:
+    """Raw k-means labels of distinct captions; ``weights`` counts each one's repeats."""
+    if algorithm == "faiss":
+        import faiss
+
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        kmeans = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, verbose=False)
+        kmeans.train(x, weights=weights.astype(np.float32))
+        _, assigned = kmeans.index.search(x, 1)
+        return assigned[:, 0].astype(np.int64)
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    if algorithm == "sklearn-minibatch":
+        model = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
+    else:
+        model = KMeans(n_clusters=k, random_state=seed, n_init=4)
+    return model.fit_predict(embeddings, sample_weight=weights).astype(np.int64)
+
+
+def cluster_captions(
+    captions: Sequence[str],
+    config: ClusterConfig,
+    cache: FeatureCache | None,
+    progress: bool = True,
+) -> Clustering:
+    """Cluster captions by meaning; identical captions always share a cluster.
+
+    Each distinct caption is embedded and clustered once, weighted by how often it occurs, which
+    is k-means on all captions without the repeated work. With a cache, the text model is still
+    loaded (its weights are part of the key) but captions are encoded only on a miss.
+    """
+    captions = list(captions)
+    if not captions:
+        raise ValueError("no captions to cluster")
+    algorithm = resolve_backend(config.backend, len(captions))
+    distinct = list(dict.fromkeys(captions))
+    position = {caption: i for i, caption in enumerate(distinct)}
+    inverse = np.fromiter((position[c] for c in captions), dtype=np.int64, count=len(captions))
+    k = min(config.num_clusters, len(distinct))
+    if k < config.num_clusters:
+        log.warning(
+            "clusters.num_clusters=%d but only %d distinct captions; using k=%d",
+            config.num_clusters,
+            len(distinct),
+            k,
+        )
+    model = load_text_model(config.text_model, MAX_TOKENS)
+    model_key = module_digest(model, str(MAX_TOKENS), "normalised")
+
+    def embeddings() -> torch.Tensor:
+        def encode() -> torch.Tensor:
+            return embed_captions(model, distinct, config.batch_size, progress)
+
+        if cache is None:
+            return encode()
+        return cache.get_or_compute(
+            "caption-embeddings", model_key, text_digest(distinct), len(distinct), encode
+        )
+
+    def labels() -> torch.Tensor:
+        weights = np.bincount(inverse, minlength=len(distinct)).astype(np.float64)
+        raw = run_kmeans(embeddings().numpy(), weights, k, config.seed, algorithm)
+        clustering = Clustering.from_labels(raw[inverse])
+        if clustering.sizes.size < k:
+            log.info("k-means left %d of %d clusters empty", k - clustering.sizes.size, k)
+        return torch.from_numpy(clustering.labels)
+
+    if cache is None:
+        return Clustering.from_labels(labels().numpy())
+    key = digest(
+        part.encode()
+        for part in (
+            f"clusters-v{LABELS_VERSION}",
+            f"k={k}",
+            f"seed={config.seed}",
+            f"algorithm={algorithm}",
+            text_digest(captions),
+        )
+    )
+    meta = {"k": k, "seed": config.seed, "algorithm": algorithm, "text_model": config.text_model}
+    cached = cache.get_or_compute("clusters", model_key, key, len(captions), labels, meta)
+    return Clustering.from_labels(cached.numpy())
+
+
+def tercile_bounds(sizes: np.ndarray) -> tuple[int, int]:
+    """The largest tail size and the largest middle size among clusters.
+
+    Clusters sorted by ascending size are cut into thirds by rank: with ``C`` clusters the tail
+    ends at the ``ceil(C/3)``-th smallest size and the middle at the ``ceil(2C/3)``-th. Sizes are
+    then compared by value, so equal-sized clusters always land in the same (the lower) bucket.
+    """
+    ordered = np.sort(np.asarray(sizes, dtype=np.int64))
+    count = ordered.size
+    if count == 0:
+        raise ValueError("a clustering without clusters has no terciles")
+    return int(ordered[math.ceil(count / 3) - 1]), int(ordered[math.ceil(2 * count / 3) - 1])
+
+
+def size_buckets(sizes_per_sample: np.ndarray, clustering: Clustering) -> np.ndarray:
+    """0 (tail), 1 (middle) or 2 (head) per sample, by its cluster size's tercile over clusters.
+
+    The terciles follow :func:`tercile_bounds`: a size up to the tail bound is tail, up to the
+    middle bound is middle, anything larger is head.
+    """
+    tail_max, middle_max = tercile_bounds(clustering.sizes)
+    sizes = np.asarray(sizes_per_sample, dtype=np.int64)
+    return np.where(sizes <= tail_max, 0, np.where(sizes <= middle_max, 1, 2)).astype(np.int64)
+
+
+def cluster_size_report(clustering: Clustering) -> dict:
+    """Numbers that show how long the tail is before choosing a schedule for it."""
+    sizes = np.sort(np.asarray(clustering.sizes, dtype=np.int64))[::-1]
+    total = int(sizes.sum())
+    top = max(1, math.ceil(sizes.size / 10))
+    tail_max, middle_max = tercile_bounds(sizes)
+    return {
+        "num_clusters": int(sizes.size),
+        "num_captions": total,
+        "min_size": int(sizes[-1]),
+        "median_size": float(np.median(sizes)),
+        "max_size": int(sizes[0]),
+        "top_decile_share": float(sizes[:top].sum() / total),
+        "tail_max_size": tail_max,
+        "middle_max_size": middle_max,
+    }
+
+
+def plot_cluster_sizes(clustering: Clustering, path: str | Path) -> Path:
+    """A rank-size plot on log-log axes: a long tail shows as a long, falling line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sizes = np.sort(np.asarray(clustering.sizes, dtype=np.int64))[::-1]
+    tail_max, middle_max = tercile_bounds(sizes)
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.loglog(np.arange(1, sizes.size + 1), sizes, marker=".", linewidth=1)
+    axes.axhline(tail_max, color="tab:red", linestyle="--", linewidth=0.8, label="tail bound")
+    axes.axhline(middle_max, color="tab:orange", linestyle=":", linewidth=0.8, label="middle bound")
+    axes.set_xlabel("cluster rank (largest first)")
+    axes.set_ylabel("captions in cluster")
+    axes.set_title(f"{sizes.size} caption clusters, {int(sizes.sum())} captions")
+    axes.legend()
+    figure.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png", dpi=100)
+    return out

@@ -1,0 +1,156 @@
+"""Caption clusters: grouping, determinism, caching, reports, size buckets and settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adaptalign.datamodules import clusters
+from adaptalign.datamodules.clusters import (
+    ClusterConfig,
+    Clustering,
+    cluster_captions,
+    cluster_size_report,
+    plot_cluster_sizes,
+    resolve_backend,
+    size_buckets,
+)
+from adaptalign.datamodules.feature_cache import FeatureCache
+from adaptalign.errors import ConfigurationError
+
+SENTENCES = ("a red circle", "two blue squares on the left", "a small green star in the corner")
+
+
+def grouped_captions() -> list[str]:
+    """Three obvious groups of 10, 5 and 2 identical captions, interleaved."""
+    captions = [SENTENCES[0]] * 10 + [SENTENCES[1]] * 5 + [SENTENCES[2]] * 2
+    order = np.random.default_rng(0).permutation(len(captions))
+    return [captions[i] for i in order]
+
+
+def config(model: str, num_clusters: int = 3) -> ClusterConfig:
+    return ClusterConfig(num_clusters=num_clusters, text_model=model, batch_size=4)
+
+
+def fail(*_: object, **__: object) -> None:
+    raise AssertionError("should have come from the cache")
+
+
+def test_obvious_groups_and_size_of(tiny_text_model: str) -> None:
+    captions = grouped_captions()
+    result = cluster_captions(captions, config(tiny_text_model), None, progress=False)
+    assert result.labels.dtype == np.int64 and result.sizes.dtype == np.int64
+    assert result.labels.shape == (len(captions),)
+    per_sentence = [set(result.labels[np.array(captions) == s].tolist()) for s in SENTENCES]
+    assert all(len(labels) == 1 for labels in per_sentence)
+    assert len(set.union(*per_sentence)) == 3
+    assert sorted(result.sizes.tolist()) == [2, 5, 10]
+    expected = [captions.count(c) for c in captions]
+    assert result.size_of(result.labels).tolist() == expected
+
+
+def test_deterministic_and_cached(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captions = grouped_captions()
+    cfg = config(tiny_text_model, num_clusters=2)
+    uncached = cluster_captions(captions, cfg, None, progress=False)
+    assert np.array_equal(uncached.labels, cluster_captions(captions, cfg, None, False).labels)
+    cache = FeatureCache(tmp_path)
+    first = cluster_captions(captions, cfg, cache, progress=False)
+    assert np.array_equal(first.labels, uncached.labels)
+    monkeypatch.setattr(clusters, "embed_captions", fail)
+    monkeypatch.setattr(clusters, "run_kmeans", fail)
+    again = cluster_captions(captions, cfg, cache, progress=False)
+    assert np.array_equal(again.labels, first.labels)
+    assert np.array_equal(again.sizes, first.sizes)
+
+
+def test_new_k_reuses_embeddings(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captions = grouped_captions()
+    cache = FeatureCache(tmp_path)
+    cluster_captions(captions, config(tiny_text_model, 3), cache, progress=False)
+    monkeypatch.setattr(clusters, "embed_captions", fail)
+    calls: list[int] = []
+    real_kmeans = clusters.run_kmeans
+
+    def counted(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real_kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(clusters, "run_kmeans", counted)
+    two = cluster_captions(captions, config(tiny_text_model, 2), cache, progress=False)
+    assert calls == [1] and two.sizes.size == 2 and two.sizes.sum() == len(captions)
+    assert len(list((tmp_path / "features" / "clusters").rglob("*.pt"))) == 2
+
+
+def test_k_reduced_to_distinct_captions(
+    tiny_text_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=clusters.__name__):
+        result = cluster_captions(grouped_captions(), config(tiny_text_model, 50), None, False)
+    assert sorted(result.sizes.tolist()) == [2, 5, 10]
+    assert "only 3 distinct captions; using k=3" in caplog.text
+
+
+def hand_clustering() -> Clustering:
+    """Six clusters of sizes 8, 5, 3, 2, 1, 1 (label 0 largest); 20 captions."""
+    sizes = np.array([8, 5, 3, 2, 1, 1], dtype=np.int64)
+    return Clustering(labels=np.repeat(np.arange(6), sizes), sizes=sizes)
+
+
+def test_report_and_plot(tmp_path: Path) -> None:
+    report = cluster_size_report(hand_clustering())
+    # Sorted ascending 1,1,2,3,5,8: tail ends at the 2nd smallest, middle at the 4th.
+    assert report == {
+        "num_clusters": 6,
+        "num_captions": 20,
+        "min_size": 1,
+        "median_size": 2.5,
+        "max_size": 8,
+        "top_decile_share": 8 / 20,  # ceil(6 / 10) = 1 cluster
+        "tail_max_size": 1,
+        "middle_max_size": 3,
+    }
+    path = plot_cluster_sizes(hand_clustering(), tmp_path / "plots" / "sizes.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_size_buckets_and_from_labels() -> None:
+    clustering = hand_clustering()
+    per_sample = clustering.size_of(np.array([0, 1, 2, 3, 4, 5]))
+    assert size_buckets(per_sample, clustering).tolist() == [2, 2, 1, 1, 0, 0]
+    three = Clustering(labels=np.array([0, 1, 2]), sizes=np.array([10, 5, 2]))
+    assert size_buckets(np.array([2, 5, 10, 10]), three).tolist() == [0, 1, 2, 2]
+    renumbered = Clustering.from_labels(np.array([7, 3, 3, 9, 3, 7]))
+    assert renumbered.labels.tolist() == [1, 0, 0, 2, 0, 1]
+    assert renumbered.sizes.tolist() == [3, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_clusters", 0), ("batch_size", 0), ("num_clusters", 2.5), ("backend", "annoy")],
+)
+def test_config_validation(field: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=rf"clusters\.{field}={value!r}; expected"):
+        ClusterConfig(**{field: value})
+
+
+def test_backend_choice(tiny_text_model: str) -> None:
+    assert resolve_backend("sklearn", 100_000) == "sklearn-minibatch"
+    assert resolve_backend("auto", 100) == "sklearn-kmeans"
+    if importlib.util.find_spec("faiss") is None:
+        assert resolve_backend("auto", 100_000) == "sklearn-minibatch"
+    cfg = ClusterConfig(num_clusters=3, text_model=tiny_text_model, backend="faiss")
+    if importlib.util.find_spec("faiss") is None:
+        with pytest.raises(ConfigurationError, match="faiss is not installed"):
+            cluster_captions(grouped_captions(), cfg, None, progress=False)
+    else:
+        result = cluster_captions(grouped_captions(), cfg, None, progress=False)
+        assert sorted(result.sizes.tolist()) == [2, 5, 10]
