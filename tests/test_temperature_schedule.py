@@ -134,3 +134,37 @@ def test_per_sample_temperatures_reach_the_loss(tiny_text_model: str, tmp_path: 
         expected = base + 0.05 + (batch_sizes.float() - low) / (high - low) * 0.15
         assert torch.allclose(used, expected, atol=1e-6), step
     assert len({round(float(u.std()), 6) for _, _, u in recorder.rows}) > 1  # really per sample
+
+
+def test_schedule_resumes_exactly_from_a_checkpoint(tiny_text_model: str, tmp_path: Path) -> None:
+    def run(max_epochs: int, ckpt: str | None = None) -> tuple[Recorder, TemperatureSchedule]:
+        data = AlignmentDataModule(
+            generated=GeneratedConfig(num_train=48, num_val=8, num_test=8, image_size=32),
+            cache_dir=str(tmp_path / "cache"),
+            clusters=ClusterConfig(num_clusters=6, text_model=tiny_text_model),
+            batch_size=16,
+        )
+        schedule = TemperatureSchedule(alpha=0.08, oscillations=2, shift_min=0.05, shift_max=0.2)
+        recorder = Recorder()
+        checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}"
+        )
+        L.Trainer(
+            accelerator="cpu",
+            max_epochs=max_epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[schedule, recorder, checkpoints],
+        ).fit(tiny_module(tiny_text_model, learn_temperature=False), data, ckpt_path=ckpt)
+        return recorder, schedule
+
+    full, full_schedule = run(max_epochs=3)
+    resumed, resumed_schedule = run(max_epochs=3, ckpt=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert resumed_schedule.state_dict() == full_schedule.state_dict()
+    assert [step for step, _, _ in resumed.rows] == [3, 4, 5, 6, 7, 8]
+    for (step, sizes, used), (step_r, sizes_r, used_r) in zip(
+        full.rows[3:], resumed.rows, strict=True
+    ):
+        assert step == step_r and torch.equal(sizes, sizes_r)
+        assert torch.allclose(used, used_r, atol=1e-7)

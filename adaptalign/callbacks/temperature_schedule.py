@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from adaptalign.datamodules.clusters import tercile_bounds
 from adaptalign.errors import ConfigurationError
 
 
@@ -80,6 +81,7 @@ class TemperatureSchedule(L.Callback):
         self.total_steps = total_steps
         self.histogram_every = histogram_every
         self.size_range: tuple[int, int] | None = None
+        self.bucket_bounds: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ formulas
     def base(self, step: int) -> float:
@@ -112,6 +114,7 @@ class TemperatureSchedule(L.Callback):
             sizes = getattr(trainer.datamodule, "cluster_sizes", None)
             if sizes is not None and len(sizes) > 0:
                 self.size_range = (int(min(sizes)), int(max(sizes)))
+                self.bucket_bounds = tercile_bounds(sizes)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int
@@ -129,7 +132,23 @@ class TemperatureSchedule(L.Callback):
         values = self.values(step, sizes).to(pl_module.device)
         setattr(pl_module.controls, self.target, values)
         pl_module.log(f"schedule/base_{self.target}", self.base(step), on_step=True)
+        self._per_bucket(pl_module, sizes, values)
         self._histogram(trainer, values, step)
+
+    def _per_bucket(self, pl_module: L.LightningModule, sizes: Tensor, values: Tensor) -> None:
+        """Mean value for samples of tail, middle and head clusters (cluster-size terciles)."""
+        if self.bucket_bounds is None:
+            return
+        tail_max, middle_max = self.bucket_bounds
+        buckets = {
+            "tail": sizes <= tail_max,
+            "middle": (sizes > tail_max) & (sizes <= middle_max),
+            "head": sizes > middle_max,
+        }
+        for name, mask in buckets.items():
+            if bool(mask.any()):
+                mean = values[mask.to(values.device)].mean()
+                pl_module.log(f"schedule/{self.target}_{name}", mean, on_step=True)
 
     def _histogram(self, trainer: L.Trainer, values: Tensor, step: int) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
@@ -139,11 +158,16 @@ class TemperatureSchedule(L.Callback):
                 add(f"schedule/{self.target}_per_sample", values.detach().cpu(), step)
 
     def state_dict(self) -> dict:
-        return {"total_steps": self.total_steps, "size_range": self.size_range}
+        return {
+            "total_steps": self.total_steps,
+            "size_range": self.size_range,
+            "bucket_bounds": self.bucket_bounds,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.total_steps = state_dict["total_steps"]
         self.size_range = state_dict["size_range"]
+        self.bucket_bounds = state_dict.get("bucket_bounds")
 
 
 class CosineTemperatureSchedule(TemperatureSchedule):
