@@ -8,12 +8,12 @@ or normalisation; a frozen tower's features come from the on-disk feature cache.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from adaptalign.datamodules.clusters import (
@@ -21,6 +21,7 @@ from adaptalign.datamodules.clusters import (
     Clustering,
     cluster_captions,
     cluster_size_report,
+    plot_cluster_sizes,
 )
 from adaptalign.datamodules.datasets import (
     CaptionClusters,
@@ -40,8 +41,6 @@ from adaptalign.datamodules.image_check import check_images
 from adaptalign.datamodules.records import DatasetFormatError, Record
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 from adaptalign.errors import ConfigurationError
-
-log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
 Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco"]
@@ -185,8 +184,14 @@ class AlignmentDataModule(L.LightningDataModule):
             start += len(r.captions)
         used = np.concatenate([labels[r.image_id][: len(r.captions)] for r in train])
         sizes = np.bincount(used, minlength=len(clustering.sizes))
-        report = cluster_size_report(Clustering.from_labels(used))
-        log.info("caption clusters over %d training captions: %s", len(used), report)
+        in_use = Clustering.from_labels(used)
+        report = ", ".join(f"{k} {v:.3g}" for k, v in cluster_size_report(in_use).items())
+        rank_zero_info(f"caption clusters over {len(used)} training captions: {report}")
+        logged = self.trainer is not None and self.trainer.logger is not None
+        log_dir = self.trainer.log_dir if logged else None
+        if log_dir is not None and self.trainer.is_global_zero:
+            path = plot_cluster_sizes(in_use, Path(log_dir) / "cluster_sizes.png")
+            rank_zero_info(f"cluster-size plot: {path}")
         return CaptionClusters(labels=labels, sizes=sizes)
 
     def _records(self, split: str) -> list[Record]:
