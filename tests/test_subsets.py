@@ -90,3 +90,24 @@ def test_data_module_subset_cap_and_one_caption_per_image_per_batch(tmp_path: Pa
     assert set(seen_captions) == ids(train)  # every subset image is drawn each epoch
     # over epochs, images are paired with different captions
     assert sum(len(c) > 1 for c in seen_captions.values()) > len(train) // 2
+
+
+def test_a_split_with_no_images_is_named(tmp_path: Path) -> None:
+    """A Karpathy file without test images: asking for the test split names the file and split."""
+    import json
+
+    from PIL import Image
+
+    from adaptalign.datamodules.records import DatasetFormatError
+
+    images = []
+    for i, split in enumerate(["train", "train", "val"]):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        images.append({"filename": f"{i}.png", "split": split, "sentences": [{"raw": f"c {i}"}]})
+    annotations = tmp_path / "dataset_tiny.json"
+    annotations.write_text(json.dumps({"images": images}))
+    data = AlignmentDataModule(annotations=str(annotations), batch_size=2)
+    data.setup()
+    assert len(data.splits["train"]) == 2 and data.splits["test"] == []
+    with pytest.raises(DatasetFormatError, match=r"split 'test' of .*dataset_tiny\.json has no"):
+        data.test_dataloader()

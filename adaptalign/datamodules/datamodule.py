@@ -137,7 +137,10 @@ class AlignmentDataModule(L.LightningDataModule):
         return paths
 
     def prepare_data(self) -> None:
+        """Runs on one process per machine first: generate data, and fill the cluster cache."""
         self.annotation_paths()
+        if self.clusters is not None:
+            self.setup()  # the other processes then find the clustering cached
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
