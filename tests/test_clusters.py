@@ -133,6 +133,17 @@ def test_size_buckets_and_from_labels() -> None:
     assert renumbered.sizes.tolist() == [3, 2, 1]
 
 
+def test_minibatch_path_finds_blobs() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:3] * 10
+    points = np.concatenate([c + rng.normal(size=(100, 8)) for c in centres])
+    weights = np.ones(len(points))
+    labels = clusters.run_kmeans(points, weights, 3, 0, "sklearn-minibatch")
+    assert np.array_equal(labels, clusters.run_kmeans(points, weights, 3, 0, "sklearn-minibatch"))
+    assert all(len(set(labels[i : i + 100].tolist())) == 1 for i in (0, 100, 200))
+    assert len(set(labels.tolist())) == 3
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("num_clusters", 0), ("batch_size", 0), ("num_clusters", 2.5), ("backend", "annoy")],
