@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 
 from adaptalign.lightning_modules.system import AlignmentModule
@@ -22,3 +23,15 @@ def tiny_module(
         text_tower={"model_name": text_model, **(text or {})},
         **settings,
     )
+
+
+def quiet_trainer(**settings: object) -> L.Trainer:
+    """A CPU trainer without logger, progress bar, summary or checkpoints unless asked for."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(**{**defaults, **settings})

@@ -19,7 +19,7 @@ from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.datasets import load_image
 from adaptalign.datamodules.feature_cache import FeatureCache, file_digest, module_digest
 from adaptalign.datamodules.generated import GeneratedConfig
-from tests.builders import tiny_module
+from tests.builders import quiet_trainer, tiny_module
 
 
 def test_hit_miss_and_data_key(tmp_path: Path) -> None:
@@ -106,15 +106,7 @@ def _data(tmp_path: Path) -> AlignmentDataModule:
 
 
 def _fit(module: L.LightningModule, data: AlignmentDataModule, root: Path) -> None:
-    L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    ).fit(module, data)
+    quiet_trainer(max_epochs=1, default_root_dir=root).fit(module, data)
 
 
 def test_frozen_towers_train_from_cached_features(

@@ -9,7 +9,7 @@ import torch
 
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from tests.builders import tiny_module
+from tests.builders import quiet_trainer, tiny_module
 
 
 class LossHistory(L.Callback):
@@ -36,15 +36,7 @@ def test_short_run_learns_to_retrieve(tiny_text_model: str, tmp_path: Path) -> N
         batch_size=32,
     )
     history = LossHistory()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[history],
-    )
+    trainer = quiet_trainer(max_epochs=8, callbacks=[history])
     (before,) = trainer.validate(module, data, verbose=False)
     trainer.fit(module, data)
     (after,) = trainer.validate(module, data, verbose=False)

@@ -17,7 +17,7 @@ from adaptalign.datamodules.clusters import ClusterConfig
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.errors import ConfigurationError
-from tests.builders import tiny_module
+from tests.builders import quiet_trainer, tiny_module
 
 
 def schedule(**kwargs: object) -> TemperatureSchedule:
@@ -113,15 +113,7 @@ def test_per_sample_temperatures_reach_the_loss(tiny_text_model: str, tmp_path: 
     module = tiny_module(tiny_text_model, learn_temperature=False)
     schedule = TemperatureSchedule(alpha=0.08, oscillations=2, shift_min=0.05, shift_max=0.2)
     recorder = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[schedule, recorder],
-    )
+    trainer = quiet_trainer(max_epochs=2, callbacks=[schedule, recorder])
     trainer.fit(module, data)
     assert schedule.total_steps == 6  # 48 / 16 batches x 2 epochs
     sizes = data.cluster_sizes
@@ -149,12 +141,9 @@ def test_schedule_resumes_exactly_from_a_checkpoint(tiny_text_model: str, tmp_pa
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}"
         )
-        L.Trainer(
-            accelerator="cpu",
+        quiet_trainer(
             max_epochs=max_epochs,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            enable_checkpointing=True,
             callbacks=[schedule, recorder, checkpoints],
         ).fit(tiny_module(tiny_text_model, learn_temperature=False), data, ckpt_path=ckpt)
         return recorder, schedule
