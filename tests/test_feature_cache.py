@@ -129,7 +129,7 @@ def test_frozen_towers_train_from_cached_features(
     assert torch.allclose(batch["image_features"][0], direct, atol=1e-5)
     caption = record.captions[int(batch["caption_index"][0])]
     assert torch.allclose(
-        batch["text_features"][0], module.text_tower._encode([caption])[0], atol=1e-5
+        batch["text_features"][0], module.text_tower.encode([caption])[0], atol=1e-5
     )
 
     # A second run reuses both entries without encoding anything.

@@ -75,7 +75,9 @@ def encode_texts(
     chunks = range(0, len(order), batch_size)
     for start in tqdm(chunks, desc="text features", unit="batch", disable=not progress):
         index = order[start : start + batch_size]
-        features = tower.features([captions[i] for i in index]).float().cpu()
+        # ``encode`` bypasses the tower's in-memory memo: the cache entry is the one stored copy.
+        encode = getattr(tower, "encode", tower.features)
+        features = encode([captions[i] for i in index]).float().cpu()
         if out.numel() == 0:
             out = torch.empty(len(captions), features.shape[1])
         out[index] = features

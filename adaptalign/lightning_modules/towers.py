@@ -250,7 +250,8 @@ class TextTower(_Tower):
         tokenize = getattr(self.backbone, "preprocess", None) or self.backbone.tokenize
         return tokenize(texts)
 
-    def _encode(self, texts: list[str]) -> Tensor:
+    def encode(self, texts: list[str]) -> Tensor:
+        """The backbone on raw captions, never remembered (the feature cache stores its own)."""
         tokens = self._tokenize(texts)
         device = self.projection.weight.device
         tokens = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
@@ -259,11 +260,11 @@ class TextTower(_Tower):
     def features(self, texts: Sequence[str]) -> Tensor:
         texts = list(texts)
         if not self.frozen:
-            return self._encode(texts)
+            return self.encode(texts)
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if missing:
             with torch.no_grad():
-                self._memo.update(zip(missing, self._encode(missing), strict=True))
+                self._memo.update(zip(missing, self.encode(missing), strict=True))
         return torch.stack([self._memo[t] for t in texts]).to(self.projection.weight.device)
 
     def forward(self, texts: Sequence[str]) -> Tensor:
