@@ -28,6 +28,10 @@ METRICS = (
     "i2t_medr",
     "t2i_medr",
 )
+# Recall of queries from the tail, middle and head caption clusters (runs with clusters only).
+BUCKETS = ("tail", "middle", "head")
+BUCKET_METRICS = tuple(f"{b}/{m}" for b in BUCKETS for m in ("i2t_R@1", "t2i_R@1", "rsum"))
+METRICS = (*METRICS, *BUCKET_METRICS)
 CSV_FIELDS = (
     "name",
     "train_images",
@@ -151,14 +155,45 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bucket_table(groups: Sequence[dict[str, Any]]) -> str:
+    """Head/middle/tail recall per (config, training size); empty when no run has clusters."""
+    shown = [g for g in groups if any(m in g["stats"] for m in BUCKET_METRICS)]
+    if not shown:
+        return ""
+    header = ["config", "train images", "seeds"]
+    header += [
+        m.replace("/", " ").replace("_", " ").replace("i2t", "i→t").replace("t2i", "t→i")
+        for m in BUCKET_METRICS
+    ]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
+    ]
+    for group in shown:
+        cells = [group["name"], group["train_images"], str(len(group["seeds"]))]
+        cells += [format_stat(group["stats"].get(metric)) for metric in BUCKET_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(groups: Sequence[dict[str, Any]]) -> str:
+    buckets = bucket_table(groups)
+    if buckets:
+        buckets = (
+            "\n## Head, middle and tail queries\n\n"
+            "The same best validation, with queries split by the size of their caption's "
+            "cluster (terciles of the training cluster sizes; an image counts where most of its "
+            "captions fall). Validation captions join their nearest training cluster.\n\n" + buckets
+        )
     return (
         "# Comparison\n\n"
         "Retrieval on the validation split, in %; each run contributes its best validation by "
         "rsum. That is model selection on the evaluation split itself (a dev figure, slightly "
         "optimistic); the last column is the last epoch's rsum. Cells are mean ± sample "
         "standard deviation (ddof=1) over seeds; the interval is the 95% Student-t interval of "
-        "the mean rsum. A single seed shows its value and `n=1`.\n\n" + markdown_table(groups)
+        "the mean rsum. A single seed shows its value and `n=1`.\n\n"
+        + markdown_table(groups)
+        + buckets
     )
 
 

@@ -99,6 +99,38 @@ def test_k_reduced_to_distinct_captions(
     assert "only 3 distinct captions; using k=3" in caplog.text
 
 
+def test_centroids_and_nearest_by_hand() -> None:
+    import torch
+
+    # Distinct rows e0, e1, e2; captions [e0, e0, e1, e2] with labels [0, 0, 1, 0].
+    embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    inverse = np.array([0, 0, 1, 2])
+    labels = np.array([0, 0, 1, 0])
+    centres = clusters.centroids(embeddings, labels, inverse)
+    # Cluster 0: e0 + e0 + e2 = (2.6, 0.8), normalised; cluster 1: e1.
+    norm = (2.6**2 + 0.8**2) ** 0.5
+    assert torch.allclose(centres, torch.tensor([[2.6 / norm, 0.8 / norm], [0.0, 1.0]]))
+    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0]]), dim=1)
+    assert clusters.nearest_centroid(queries, centres).tolist() == [0, 1]
+
+
+def test_evaluation_captions_join_their_nearest_cluster(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    captions = grouped_captions()
+    cfg = config(tiny_text_model)
+    cache = FeatureCache(tmp_path)
+    # Seen sentences join their own cluster whatever the order; repeats agree.
+    assign = [SENTENCES[2], SENTENCES[0], SENTENCES[1], SENTENCES[2]]
+    result = cluster_captions(captions, cfg, cache, progress=False, assign=assign)
+    own = {c: int(result.labels[captions.index(c)]) for c in SENTENCES}
+    assert result.assigned is not None
+    assert result.assigned.tolist() == [own[c] for c in assign]
+    # The fitted labels are those of a run without evaluation captions.
+    plain = cluster_captions(captions, cfg, None, progress=False)
+    assert np.array_equal(result.labels, plain.labels) and plain.assigned is None
+
+
 def hand_clustering() -> Clustering:
     """Six clusters of sizes 8, 5, 3, 2, 1, 1 (label 0 largest); 20 captions."""
     sizes = np.array([8, 5, 3, 2, 1, 1], dtype=np.int64)

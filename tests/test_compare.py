@@ -18,7 +18,14 @@ from scipy import stats
 
 from adaptalign.callbacks.run_summary import RunSummary
 from adaptalign.compare import build_parser, main, own_options, resolve_settings, split_overrides
-from adaptalign.compare_results import aggregate, describe, markdown_table, summary_row
+from adaptalign.compare_results import (
+    aggregate,
+    bucket_table,
+    describe,
+    markdown_table,
+    report_markdown,
+    summary_row,
+)
 from adaptalign.lightning_modules.cli import main as cli_main
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -93,6 +100,24 @@ def test_markdown_table_shows_mean_std_interval_and_seed_count() -> None:
     assert table[3] == (
         "| b | all | 1 | 20.0 | 40.0 | 60.0 | 10.0 | 30.0 | 40.0 | 200.0 | n=1 | 190.0 |"
     )
+
+
+def test_bucket_table_only_for_runs_with_clusters() -> None:
+    assert bucket_table(aggregate(ROWS)) == ""
+    assert "Head, middle and tail" not in report_markdown(aggregate(ROWS))
+    with_buckets = [
+        {**ROWS[0], "tail/i2t_R@1": 4.0, "tail/t2i_R@1": 2.0, "head/rsum": 300.0},
+        {**ROWS[1], "tail/i2t_R@1": 6.0, "tail/t2i_R@1": 2.0, "head/rsum": 310.0},
+        ROWS[3],
+    ]
+    table = bucket_table(aggregate(with_buckets)).splitlines()
+    assert table[0].startswith("| config | train images | seeds | tail i→t R@1 | tail t→i R@1 |")
+    assert len(table) == 3  # config b has no bucket figures and is left out
+    # tail i2t: 5.0 ± 1.41; tail t2i 2.0 ± 0.0; middle missing; head rsum 305.0 ± 7.07.
+    assert table[2] == (
+        "| a | 16 | 2 | 5.0 ± 1.4 | 2.0 ± 0.0 | - | - | - | - | - | - | 305.0 ± 7.1 |"
+    )
+    assert "## Head, middle and tail queries" in report_markdown(aggregate(with_buckets))
 
 
 # ----------------------------------------------------------------------------- run summary

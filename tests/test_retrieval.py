@@ -422,3 +422,94 @@ def test_collapsed_embeddings_rank_last_not_first() -> None:
     i2t, t2i = retrieval_ranks(images, torch.arange(4), texts, torch.arange(4).repeat(2))
     assert i2t.tolist() == [6, 6, 6, 6]  # the 6 captions of the other images all tie
     assert t2i.tolist() == [3] * 8  # the 3 other images all tie
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group recall (head / middle / tail queries).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hand_case_per_group_recall() -> None:
+    images, image_ids, texts, text_image_ids = hand_case()
+    # i2t ranks [1, 0, 1], t2i ranks [0, 1, 0, 1, 2, 0] (see test_hand_case_metrics).
+    image_groups = torch.tensor([0, 2, 2])
+    text_groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    metric = RetrievalMetric(ks=(1, 2))
+    metric.update(
+        images, image_ids, texts, torch.arange(6), text_image_ids, image_groups, text_groups
+    )
+    out = metric.compute()
+    # tail: image 0 (rank 1) and captions 0, 1 (ranks 0, 1).
+    assert out["tail/i2t_R@1"].item() == 0.0
+    assert out["tail/i2t_R@2"].item() == 100.0
+    assert out["tail/t2i_R@1"].item() == 50.0
+    assert out["tail/t2i_R@2"].item() == 100.0
+    assert out["tail/rsum"].item() == pytest.approx(250.0)
+    # middle: no image query, so only text->image keys and no rsum; captions 2, 3 (ranks 0, 1).
+    assert "middle/i2t_R@1" not in out and "middle/rsum" not in out
+    assert out["middle/t2i_R@1"].item() == 50.0
+    # head: images 1, 2 (ranks 0, 1); captions 4, 5 (ranks 2, 0).
+    assert out["head/i2t_R@1"].item() == 50.0
+    assert out["head/i2t_R@2"].item() == 100.0
+    assert out["head/t2i_R@1"].item() == 50.0
+    assert out["head/t2i_R@2"].item() == 50.0
+    # The overall figures do not change when groups are given.
+    plain = metric_on(images, image_ids, texts, text_image_ids, ks=(1, 2))
+    for key, value in plain.items():
+        assert torch.equal(out[key], value), key
+
+
+def test_per_group_recall_matches_brute_force_with_padding() -> None:
+    images, image_ids, texts, text_ids, text_image_ids = random_dataset(9, 4)
+    i2t, t2i = brute_force_ranks(images, image_ids, texts, text_image_ids)
+    image_groups = torch.tensor([i % 3 for i in range(9)])
+    text_groups = torch.tensor([(i * 7) % 3 for i in range(texts.shape[0])])
+    metric = RetrievalMetric()
+    # Duplicated rows (as distributed padding adds) must not change anything.
+    irows = torch.tensor([*range(9), 3, 4])
+    trows = torch.tensor([*range(texts.shape[0]), 0, 10])
+    metric.update(
+        images[irows],
+        image_ids[irows],
+        texts[trows],
+        text_ids[trows],
+        text_image_ids[trows],
+        image_groups[irows],
+        text_groups[trows],
+    )
+    out = metric.compute()
+    for index, name in enumerate(("tail", "middle", "head")):
+        mine_i2t = [r for r, g in zip(i2t, image_groups.tolist(), strict=True) if g == index]
+        mine_t2i = [r for r, g in zip(t2i, text_groups.tolist(), strict=True) if g == index]
+        expected = brute_force_metrics(mine_i2t, mine_t2i, (1, 5, 10))
+        for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"):
+            assert out[f"{name}/{key}"].item() == pytest.approx(expected[key]), (name, key)
+
+
+def test_group_errors() -> None:
+    images, image_ids, texts, text_image_ids = hand_case()
+    metric = RetrievalMetric()
+    with pytest.raises(ValueError, match="given together"):
+        metric.update(images, image_ids, texts, torch.arange(6), text_image_ids, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"text_groups must hold one value in \[0, 3\)"):
+        metric.update(
+            images,
+            image_ids,
+            texts,
+            torch.arange(6),
+            text_image_ids,
+            torch.zeros(3, dtype=torch.long),
+            torch.full((6,), 3),
+        )
+    metric.update(images, image_ids, texts, torch.arange(6), text_image_ids)
+    metric.update(
+        images,
+        image_ids,
+        texts,
+        torch.arange(6),
+        text_image_ids,
+        torch.zeros(3, dtype=torch.long),
+        torch.zeros(6, dtype=torch.long),
+    )
+    with pytest.raises(ValueError, match="every update needs image_groups"):
+        metric.compute()

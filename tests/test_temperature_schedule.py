@@ -13,7 +13,7 @@ from adaptalign.callbacks.temperature_schedule import (
     CosineTemperatureSchedule,
     TemperatureSchedule,
 )
-from adaptalign.datamodules.clusters import ClusterConfig
+from adaptalign.datamodules.clusters import ClusterConfig, tercile_bounds
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.errors import ConfigurationError
@@ -157,3 +157,36 @@ def test_schedule_resumes_exactly_from_a_checkpoint(tiny_text_model: str, tmp_pa
     ):
         assert step == step_r and torch.equal(sizes, sizes_r)
         assert torch.allclose(used, used_r, atol=1e-7)
+
+
+def test_validation_reports_head_middle_tail_recall(tiny_text_model: str, tmp_path: Path) -> None:
+    """Validation captions get their nearest training cluster and recall is split by tercile."""
+    data = AlignmentDataModule(
+        generated=GeneratedConfig(num_train=48, num_val=12, num_test=8, image_size=32),
+        cache_dir=str(tmp_path),
+        clusters=ClusterConfig(num_clusters=6, text_model=tiny_text_model),
+        batch_size=16,
+        eval_batch_size=5,
+    )
+    data.setup()
+    clusters = data.caption_clusters
+    assert clusters is not None
+    val_ids = {r.image_id for r in data.splits["val"]}
+    assert val_ids <= set(clusters.eval_buckets)
+    batch = next(iter(data.val_dataloader()))
+    assert batch["text_bucket"].shape == batch["text_id"].shape
+    assert batch["image_bucket"].shape == batch["image_id"].shape
+    # Each caption's bucket is the tercile of its assigned cluster's training size.
+    tail_max, middle_max = tercile_bounds(data.cluster_sizes)
+    sizes = torch.as_tensor(clusters.sizes)[batch["text_cluster"]]
+    expected = (sizes > tail_max).long() + (sizes > middle_max).long()
+    assert torch.equal(batch["text_bucket"], expected)
+
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1)
+    trainer.fit(tiny_module(tiny_text_model), data)
+    metrics = trainer.callback_metrics
+    assert "val/rsum" in metrics
+    buckets = set(torch.cat([b["text_bucket"] for b in data.val_dataloader()]).tolist())
+    names = ("tail", "middle", "head")
+    for bucket in buckets:
+        assert f"val/{names[bucket]}/t2i_R@1" in metrics

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -74,6 +74,7 @@ class Clustering:
 
     labels: np.ndarray
     sizes: np.ndarray
+    assigned: np.ndarray | None = None
 
     @classmethod
     def from_labels(cls, labels: np.ndarray) -> Clustering:
@@ -159,12 +160,16 @@ def cluster_captions(
     config: ClusterConfig,
     cache: FeatureCache | None,
     progress: bool = True,
+    assign: Sequence[str] = (),
 ) -> Clustering:
     """Cluster captions by meaning; identical captions always share a cluster.
 
     Each distinct caption is embedded and clustered once, weighted by how often it occurs, which
     is k-means on all captions without the repeated work. With a cache, the text model is still
     loaded (its weights are part of the key) but captions are encoded only on a miss.
+
+    ``assign`` are further captions (evaluation splits) given the cluster of their nearest
+    centroid, in ``Clustering.assigned``; they take no part in fitting the clusters.
     """
     captions = list(captions)
     if not captions:
@@ -184,15 +189,18 @@ def cluster_captions(
     model = load_text_model(config.text_model, MAX_TOKENS)
     model_key = module_digest(model, str(MAX_TOKENS), "normalised")
 
-    def embeddings() -> torch.Tensor:
+    def embed(texts: list[str]) -> torch.Tensor:
         def encode() -> torch.Tensor:
-            return embed_captions(model, distinct, config.batch_size, progress)
+            return embed_captions(model, texts, config.batch_size, progress)
 
         if cache is None:
             return encode()
         return cache.get_or_compute(
-            "caption-embeddings", model_key, text_digest(distinct), len(distinct), encode
+            "caption-embeddings", model_key, text_digest(texts), len(texts), encode
         )
+
+    def embeddings() -> torch.Tensor:
+        return embed(distinct)
 
     def labels() -> torch.Tensor:
         weights = np.bincount(inverse, minlength=len(distinct)).astype(np.float64)
@@ -203,7 +211,47 @@ def cluster_captions(
         return torch.from_numpy(clustering.labels)
 
     if cache is None:
-        return Clustering.from_labels(labels().numpy())
+        clustering = Clustering.from_labels(labels().numpy())
+    else:
+        clustering = _cached_labels(captions, config, cache, k, algorithm, model_key, labels)
+    if assign:
+        assign = list(assign)
+        distinct_assign = list(dict.fromkeys(assign))
+        nearest = nearest_centroid(
+            embed(distinct_assign), centroids(embeddings(), clustering.labels, inverse)
+        )
+        where = {caption: i for i, caption in enumerate(distinct_assign)}
+        clustering.assigned = nearest[[where[c] for c in assign]]
+    return clustering
+
+
+def centroids(embeddings: torch.Tensor, labels: np.ndarray, inverse: np.ndarray) -> torch.Tensor:
+    """Unit-length mean embedding of each cluster: k-means' own centres, recovered from labels.
+
+    ``embeddings`` are of the distinct captions, ``inverse`` maps each caption to its distinct row
+    and ``labels`` gives each caption's cluster, so repeated captions weigh as often as they occur.
+    """
+    num = int(labels.max()) + 1
+    sums = torch.zeros(num, embeddings.shape[1], dtype=embeddings.dtype)
+    sums.index_add_(0, torch.as_tensor(labels), embeddings[torch.as_tensor(inverse)])
+    return torch.nn.functional.normalize(sums, dim=1)
+
+
+def nearest_centroid(embeddings: torch.Tensor, centres: torch.Tensor) -> np.ndarray:
+    """The cluster whose centre is closest (highest cosine) to each unit-length embedding."""
+    return (embeddings @ centres.T).argmax(dim=1).numpy().astype(np.int64)
+
+
+def _cached_labels(
+    captions: list[str],
+    config: ClusterConfig,
+    cache: FeatureCache,
+    k: int,
+    algorithm: Algorithm,
+    model_key: str,
+    labels: Callable[[], torch.Tensor],
+) -> Clustering:
+    """The labels through the cache, keyed by k, seed, algorithm and the captions' text."""
     key = digest(
         part.encode()
         for part in (

@@ -22,6 +22,7 @@ from adaptalign.datamodules.clusters import (
     cluster_captions,
     cluster_size_report,
     plot_cluster_sizes,
+    size_buckets,
 )
 from adaptalign.datamodules.datasets import (
     CaptionClusters,
@@ -162,7 +163,7 @@ class AlignmentDataModule(L.LightningDataModule):
         train = nested_subset(splits["train"], self.train_images, self.seed)
         splits["train"] = cap_captions(train, self.captions_per_image)
         if self.clusters is not None:
-            self.caption_clusters = self._cluster(splits["train"])
+            self.caption_clusters = self._cluster(splits["train"], splits["val"] + splits["test"])
         self.splits = splits
 
     @property
@@ -173,18 +174,20 @@ class AlignmentDataModule(L.LightningDataModule):
         sizes = self.caption_clusters.sizes
         return sizes[sizes > 0]
 
-    def _cluster(self, train: list[Record]) -> CaptionClusters:
-        """Cluster every caption of the train split once; count sizes over the captions in use."""
+    def _cluster(self, train: list[Record], evaluated: list[Record]) -> CaptionClusters:
+        """Cluster every caption of the train split once; count sizes over the captions in use.
+
+        Evaluation captions join the cluster of their nearest centroid, so recall can be reported
+        for head, middle and tail queries by the tercile of that cluster's training size.
+        """
         full = [r for r in self.records if r.split == "train"]
         clustering = cluster_captions(
             [c for r in full for c in r.captions],
             self.clusters,
             FeatureCache(self.cache_dir or default_cache_dir()),
+            assign=[c for r in evaluated for c in r.captions],
         )
-        labels, start = {}, 0
-        for r in full:
-            labels[r.image_id] = clustering.labels[start : start + len(r.captions)]
-            start += len(r.captions)
+        labels = _per_image(full, clustering.labels)
         used = np.concatenate([labels[r.image_id][: len(r.captions)] for r in train])
         sizes = np.bincount(used, minlength=len(clustering.sizes))
         in_use = Clustering.from_labels(used)
@@ -195,7 +198,12 @@ class AlignmentDataModule(L.LightningDataModule):
         if log_dir is not None and self.trainer.is_global_zero:
             path = plot_cluster_sizes(in_use, Path(log_dir) / "cluster_sizes.png")
             rank_zero_info(f"cluster-size plot: {path}")
-        return CaptionClusters(labels=labels, sizes=sizes)
+        eval_labels = _per_image(evaluated, clustering.assigned)
+        eval_buckets = {
+            image_id: size_buckets(sizes[assigned], in_use)
+            for image_id, assigned in eval_labels.items()
+        }
+        return CaptionClusters(labels, sizes, eval_labels, eval_buckets)
 
     def _records(self, split: str) -> list[Record]:
         records = self.splits.get(split, [])
@@ -261,6 +269,7 @@ class AlignmentDataModule(L.LightningDataModule):
             self._records(split),
             self.image_transform(training=False),
             features=self._frozen_features(),
+            clusters=self.caption_clusters,
         )
         return DataLoader(
             dataset,
@@ -278,3 +287,14 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.predict_split)
+
+
+def _per_image(records: list[Record], labels: np.ndarray | None) -> dict[int, np.ndarray]:
+    """Split one label per caption (records' captions in order) into one array per image."""
+    if labels is None:
+        return {}
+    out, start = {}, 0
+    for r in records:
+        out[r.image_id] = labels[start : start + len(r.captions)]
+        start += len(r.captions)
+    return out

@@ -9,7 +9,7 @@ its cached features stand in for the raw input (``image_features`` / ``text_feat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,20 @@ class CaptionClusters:
 
     labels: dict[int, np.ndarray]  # image id -> cluster label of each of its captions
     sizes: np.ndarray  # cluster label -> number of training captions in it
+    # Evaluation captions, given their nearest cluster: image id -> label / size bucket per caption
+    # (0 tail, 1 middle, 2 head by the tercile of the cluster's training size).
+    eval_labels: dict[int, np.ndarray] = field(default_factory=dict)
+    eval_buckets: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def image_bucket(caption_buckets: np.ndarray) -> int:
+    """An image's bucket for image->text queries: the one most of its captions fall in.
+
+    A tie goes to the rarer bucket, so an image described as often by tail as by head concepts
+    counts towards the tail, which is the part a long-tail method claims to help.
+    """
+    counts = np.bincount(np.asarray(caption_buckets, dtype=np.int64), minlength=3)
+    return int(np.argmax(counts))  # argmax returns the first (lowest) of equal counts
 
 
 def default_transform() -> Transform:
@@ -143,10 +157,12 @@ class EvalImages(Dataset):
         records: Sequence[Record],
         transform: Transform,
         features: FrozenFeatures | None = None,
+        clusters: CaptionClusters | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.features = features
+        self.clusters = clusters if clusters is not None and clusters.eval_buckets else None
         counts = [len(r.captions) for r in self.records]
         self.first_caption = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
 
@@ -164,6 +180,11 @@ class EvalImages(Dataset):
         }
         if self.features is not None and self.features.text is not None:
             item["text_features"] = self.features.text[record.image_id][: len(record.captions)]
+        if self.clusters is not None:
+            buckets = self.clusters.eval_buckets[record.image_id]
+            item["text_cluster"] = self.clusters.eval_labels[record.image_id].tolist()
+            item["text_bucket"] = buckets.tolist()
+            item["image_bucket"] = image_bucket(buckets)
         return item
 
 
@@ -182,4 +203,8 @@ def collate_eval(items: list[dict]) -> dict:
         batch["image_features"] = torch.stack([it["image_features"] for it in items])
     if "text_features" in items[0]:
         batch["text_features"] = torch.cat([it["text_features"] for it in items])
+    if "text_bucket" in items[0]:
+        batch["image_bucket"] = torch.tensor([it["image_bucket"] for it in items])
+        for key in ("text_bucket", "text_cluster"):
+            batch[key] = torch.tensor([v for it in items for v in it[key]], dtype=torch.long)
     return batch

@@ -141,6 +141,11 @@ def retrieval_ranks(
     return i2t, t2i
 
 
+def _has_data(state: list[Tensor] | Tensor) -> bool:
+    """A ``cat`` state holds data (a list before syncing across processes, a tensor after)."""
+    return state.numel() > 0 if isinstance(state, Tensor) else bool(state)
+
+
 def _median_rank(ranks: Tensor) -> Tensor:
     """1-based ``floor(median) + 1`` with numpy's median (mean of the two middles when even)."""
     ordered = torch.sort(ranks).values
@@ -171,6 +176,11 @@ class RetrievalMetric(Metric):
     ``DistributedSampler`` pads ranks by repeating samples, so the gathered states may hold the
     same image or caption several times; ``compute`` keeps one occurrence per image id and per
     caption id (``text_ids``) before ranking, so padding never changes the result.
+
+    When ``update`` is given query groups (``image_groups`` and ``text_groups``, integers indexing
+    ``group_names``), R@K and rsum are also reported per group, e.g. ``tail/t2i_R@1``: the ranks
+    are those of the whole gallery, only the queries are split. A group with no query in a
+    direction reports nothing for it.
     """
 
     full_state_update = False
@@ -184,7 +194,11 @@ class RetrievalMetric(Metric):
     text_image_ids: list[Tensor]
 
     def __init__(
-        self, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024, **kwargs: Any
+        self,
+        ks: Sequence[int] = (1, 5, 10),
+        chunk_size: int = 1024,
+        group_names: Sequence[str] = ("tail", "middle", "head"),
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         ks = tuple(ks)
@@ -197,12 +211,15 @@ class RetrievalMetric(Metric):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.ks = ks
         self.chunk_size = chunk_size
+        self.group_names = tuple(group_names)
         for name in (
             "image_embeddings",
             "image_ids",
             "text_embeddings",
             "text_ids",
             "text_image_ids",
+            "image_groups",
+            "text_groups",
         ):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -213,6 +230,8 @@ class RetrievalMetric(Metric):
         text_embeddings: Tensor,
         text_ids: Tensor,
         text_image_ids: Tensor,
+        image_groups: Tensor | None = None,
+        text_groups: Tensor | None = None,
     ) -> None:
         """Store a batch; shapes are checked here so a bad batch fails where it was produced."""
         if image_embeddings.ndim != 2 or text_embeddings.ndim != 2:
@@ -237,6 +256,22 @@ class RetrievalMetric(Metric):
                     f"{name} has {ids.shape[0]} entries but text_embeddings has "
                     f"{text_embeddings.shape[0]} rows; expected one id per row"
                 )
+        if (image_groups is None) != (text_groups is None):
+            raise ValueError("image_groups and text_groups must be given together")
+        if image_groups is not None and text_groups is not None:
+            for groups, rows, name in (
+                (image_groups, image_ids.shape[0], "image_groups"),
+                (text_groups, text_ids.shape[0], "text_groups"),
+            ):
+                _check_ids(groups, name)
+                if groups.shape[0] != rows or bool(
+                    ((groups < 0) | (groups >= len(self.group_names))).any()
+                ):
+                    raise ValueError(
+                        f"{name} must hold one value in [0, {len(self.group_names)}) per row"
+                    )
+            self.image_groups.append(image_groups.detach())
+            self.text_groups.append(text_groups.detach())
         self.image_embeddings.append(image_embeddings.detach())
         self.image_ids.append(image_ids.detach())
         self.text_embeddings.append(text_embeddings.detach())
@@ -279,4 +314,31 @@ class RetrievalMetric(Metric):
         ).sum()
         out["i2t_medr"] = _median_rank(i2t).float()
         out["t2i_medr"] = _median_rank(t2i).float()
+        if _has_data(self.image_groups):
+            # Synced empty states arrive as floats; groups are small integers either way.
+            image_groups = dim_zero_cat(self.image_groups).long()
+            text_groups = dim_zero_cat(self.text_groups).long()
+            if image_groups.shape[0] != image_ids.shape[0]:
+                raise ValueError("every update needs image_groups and text_groups once one has")
+            out.update(
+                self._per_group(i2t, t2i, image_groups[keep_images], text_groups[keep_texts])
+            )
+        return out
+
+    def _per_group(
+        self, i2t: Tensor, t2i: Tensor, image_groups: Tensor, text_groups: Tensor
+    ) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for index, name in enumerate(self.group_names):
+            recalls = []
+            for direction, ranks, groups in (("i2t", i2t, image_groups), ("t2i", t2i, text_groups)):
+                mine = ranks[groups.to(ranks.device) == index]
+                if mine.numel() == 0:
+                    continue
+                for k in self.ks:
+                    value = (mine < k).sum().float() * 100.0 / mine.numel()
+                    out[f"{name}/{direction}_R@{k}"] = value
+                    recalls.append(value)
+            if len(recalls) == 2 * len(self.ks):
+                out[f"{name}/rsum"] = torch.stack(recalls).sum()
         return out

@@ -219,6 +219,8 @@ class AlignmentModule(L.LightningModule):
             self.encode_texts(batch),
             batch["text_id"],
             batch["text_image_id"],
+            batch.get("image_bucket"),
+            batch.get("text_bucket"),
         )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
