@@ -39,6 +39,7 @@ from adaptalign.datamodules.formats import read_dataset
 from adaptalign.datamodules.frozen_features import FrozenFeatures, compute_frozen_features
 from adaptalign.datamodules.generated import GeneratedConfig, default_cache_dir, generate_dataset
 from adaptalign.datamodules.image_check import check_images
+from adaptalign.datamodules.noise import NoiseConfig, caption_vocabulary, noisy_records
 from adaptalign.datamodules.records import DatasetFormatError, Record
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 from adaptalign.errors import ConfigurationError
@@ -69,6 +70,10 @@ class AlignmentDataModule(L.LightningDataModule):
         clusters: long-tail caption clusters (SentenceBERT + k-means over the train split's
             captions, cached); each training pair then carries ``cluster`` and ``cluster_size``
             (counted over the captions actually trained on), as MM-TS schedules need.
+        noise, eval_noise: caption and image noise of the training split, and of the evaluation
+            and predict splits (the robustness stress test sets the latter per rate). Each
+            corrupts the data once, the same way in every epoch, so frozen towers' features of
+            the noisy data are cached like clean ones.
         batch_size: training pairs per batch on each process; ``eval_batch_size``: images per
             evaluation batch (each with all its captions).
         predict_split: the split ``predict`` embeds.
@@ -91,6 +96,8 @@ class AlignmentDataModule(L.LightningDataModule):
         skip_bad_images: bool = False,
         feature_cache: bool = True,
         clusters: ClusterConfig | None = None,
+        noise: NoiseConfig | None = None,
+        eval_noise: NoiseConfig | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -116,6 +123,9 @@ class AlignmentDataModule(L.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.feature_cache = feature_cache
         self.clusters = clusters
+        self.noise = noise
+        self.eval_noise = eval_noise
+        self._noisy_features: dict[tuple[str, str], FrozenFeatures | None] = {}
         self.caption_clusters: CaptionClusters | None = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -211,22 +221,47 @@ class AlignmentDataModule(L.LightningDataModule):
             raise DatasetFormatError(f"split {split!r} of {self.source} has no images")
         return records
 
-    def _frozen_features(self) -> FrozenFeatures | None:
-        """Frozen towers' features for every record, computed once (by rank 0) and cached."""
+    def _frozen_features(
+        self, records: list[Record] | None = None, image_noise: NoiseConfig | None = None
+    ) -> FrozenFeatures | None:
+        """Frozen towers' features, computed once (by rank 0) and cached.
+
+        Without arguments: every record, clean. With noisy ``records`` (and ``image_noise``): the
+        features of exactly that corrupted data, another cache entry.
+        """
         if not self.feature_cache or self.trainer is None:
             return None
-        if self.features is None:
-            self.features = compute_frozen_features(
-                self.trainer.lightning_module,
-                self.records,
-                FeatureCache(self.cache_dir or default_cache_dir()),
-                self.image_transform(training=False),
-                num_workers=self.num_workers,
-                progress=self.trainer.is_global_zero,
-                barrier=self.trainer.strategy.barrier,
-                is_writer=self.trainer.is_global_zero,
-            )
-        return self.features
+        if records is None and self.features is not None:
+            return self.features
+        features = compute_frozen_features(
+            self.trainer.lightning_module,
+            self.records if records is None else records,
+            FeatureCache(self.cache_dir or default_cache_dir()),
+            self.image_transform(training=False),
+            num_workers=self.num_workers,
+            progress=self.trainer.is_global_zero,
+            barrier=self.trainer.strategy.barrier,
+            is_writer=self.trainer.is_global_zero,
+            image_noise=image_noise,
+        )
+        if records is None:
+            self.features = features
+        return features
+
+    def _split_inputs(
+        self, split: str, noise: NoiseConfig | None
+    ) -> tuple[list[Record], FrozenFeatures | None, NoiseConfig | None]:
+        """A split's records and frozen features, with the given noise (if any) applied."""
+        records = self._records(split)
+        if noise is None or not noise.active:
+            return records, self._frozen_features(), None
+        vocabulary = caption_vocabulary(c for r in self.splits["train"] for c in r.captions)
+        noisy = noisy_records(records, noise, vocabulary)
+        key = (split, repr(noise))
+        if key not in self._noisy_features:
+            self._noisy_features[key] = self._frozen_features(noisy, noise)
+        rank_zero_info(f"{split} split with noise {noise}")
+        return noisy, self._noisy_features[key], noise
 
     def image_transform(self, training: bool) -> Transform:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -239,7 +274,7 @@ class AlignmentDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
-        records = self._records("train")
+        records, features, noise = self._split_inputs("train", self.noise)
         rank, world = self._world()
         if len(records) < self.batch_size * world:
             raise ConfigurationError(
@@ -250,8 +285,9 @@ class AlignmentDataModule(L.LightningDataModule):
             records,
             self.image_transform(training=False),
             seed=self.seed,
-            features=self._frozen_features(),
+            features=features,
             clusters=self.caption_clusters,
+            image_noise=noise,
         )
         sampler = PairSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(
@@ -265,11 +301,13 @@ class AlignmentDataModule(L.LightningDataModule):
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
+        records, features, noise = self._split_inputs(split, self.eval_noise)
         dataset = EvalImages(
-            self._records(split),
+            records,
             self.image_transform(training=False),
-            features=self._frozen_features(),
+            features=features,
             clusters=self.caption_clusters,
+            image_noise=noise,
         )
         return DataLoader(
             dataset,

@@ -24,6 +24,7 @@ from adaptalign.datamodules.records import DatasetFormatError, Record
 
 if TYPE_CHECKING:
     from adaptalign.datamodules.frozen_features import FrozenFeatures
+    from adaptalign.datamodules.noise import NoiseConfig
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -68,12 +69,23 @@ def load_image(path: Path) -> Image.Image:
         raise DatasetFormatError(f"{path}: cannot decode image ({exc})") from exc
 
 
+def load_record_image(record: Record, noise: NoiseConfig | None = None) -> Image.Image:
+    """The record's image, with the noise config's image noise keyed by its image id."""
+    image = load_image(record.image_path)
+    if noise is not None and noise.image_rate > 0:
+        image = noise.image(image, record.image_id)
+    return image
+
+
 def _image_input(
-    record: Record, transform: Transform, features: FrozenFeatures | None
+    record: Record,
+    transform: Transform,
+    features: FrozenFeatures | None,
+    noise: NoiseConfig | None,
 ) -> dict[str, Tensor]:
     if features is not None and features.image is not None:
         return {"image_features": features.image[record.image_id]}
-    return {"images": transform(load_image(record.image_path))}
+    return {"images": transform(load_record_image(record, noise))}
 
 
 class TrainPairs(Dataset):
@@ -86,12 +98,14 @@ class TrainPairs(Dataset):
         seed: int = 0,
         features: FrozenFeatures | None = None,
         clusters: CaptionClusters | None = None,
+        image_noise: NoiseConfig | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.seed = seed
         self.features = features
         self.clusters = clusters
+        self.image_noise = image_noise
 
     def __len__(self) -> int:
         return len(self.records)
@@ -105,7 +119,7 @@ class TrainPairs(Dataset):
         record = self.records[index]
         caption = self.caption_index(index, epoch)
         item = {
-            **_image_input(record, self.transform, self.features),
+            **_image_input(record, self.transform, self.features, self.image_noise),
             "texts": record.captions[caption],
             "index": index,
             "image_id": record.image_id,
@@ -158,10 +172,12 @@ class EvalImages(Dataset):
         transform: Transform,
         features: FrozenFeatures | None = None,
         clusters: CaptionClusters | None = None,
+        image_noise: NoiseConfig | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.features = features
+        self.image_noise = image_noise
         self.clusters = clusters if clusters is not None and clusters.eval_buckets else None
         counts = [len(r.captions) for r in self.records]
         self.first_caption = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
@@ -173,7 +189,7 @@ class EvalImages(Dataset):
         record = self.records[index]
         start = self.first_caption[index]
         item = {
-            **_image_input(record, self.transform, self.features),
+            **_image_input(record, self.transform, self.features, self.image_noise),
             "image_id": record.image_id,
             "texts": list(record.captions),
             "text_id": list(range(start, start + len(record.captions))),

@@ -15,13 +15,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from adaptalign.datamodules.datasets import Transform, load_image
+from adaptalign.datamodules.datasets import Transform, load_record_image
 from adaptalign.datamodules.feature_cache import (
     FeatureCache,
+    digest,
     file_digest,
     module_digest,
     text_digest,
 )
+from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 
 
@@ -34,14 +36,16 @@ class FrozenFeatures:
 
 
 class _Images(Dataset):
-    def __init__(self, records: Sequence[Record], transform: Transform) -> None:
-        self.records, self.transform = records, transform
+    def __init__(
+        self, records: Sequence[Record], transform: Transform, noise: NoiseConfig | None
+    ) -> None:
+        self.records, self.transform, self.noise = records, transform, noise
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.transform(load_image(self.records[index].image_path))
+        return self.transform(load_record_image(self.records[index], self.noise))
 
 
 def _device(tower: nn.Module) -> torch.device:
@@ -56,8 +60,11 @@ def encode_images(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    noise: NoiseConfig | None = None,
 ) -> Tensor:
-    loader = DataLoader(_Images(records, transform), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        _Images(records, transform, noise), batch_size=batch_size, num_workers=num_workers
+    )
     device = _device(tower)
     out = []
     for images in tqdm(loader, desc="image features", unit="batch", disable=not progress):
@@ -93,22 +100,33 @@ def compute_frozen_features(
     progress: bool = True,
     barrier: Callable[[], None] = lambda: None,
     is_writer: bool = True,
+    image_noise: NoiseConfig | None = None,
 ) -> FrozenFeatures:
     """Cached features of the module's frozen towers; towers that train are left alone.
 
     Under several processes the writer computes and stores while the others wait at ``barrier``,
-    then everyone reads the same entry.
+    then everyone reads the same entry. ``image_noise`` perturbs the images first (its settings
+    join the key); caption noise is already in the records' text, which is the key.
     """
+    if image_noise is not None and image_noise.image_rate == 0:
+        image_noise = None
     result = FrozenFeatures()
     image_tower = getattr(module, "image_tower", None)
     text_tower = getattr(module, "text_tower", None)
     if image_tower is not None and getattr(image_tower, "frozen", False):
         model_key = module_digest(image_tower.backbone, repr(transform))
         data_key = file_digest([r.image_path for r in records], progress=progress)
+        if image_noise is not None:
+            data_key = digest([data_key.encode(), repr(image_noise).encode()])
 
         def images() -> Tensor:
             return encode_images(
-                image_tower, records, transform, num_workers=num_workers, progress=progress
+                image_tower,
+                records,
+                transform,
+                num_workers=num_workers,
+                progress=progress,
+                noise=image_noise,
             )
 
         features = _shared(

@@ -1,5 +1,8 @@
 """``adaptalign fit|validate|test|predict --config ...``: the Lightning CLI over system and data.
 
+Also ``adaptalign compare`` (methods over seeds and sizes), ``adaptalign stress`` (a checkpoint
+under noise) and ``adaptalign tsne`` (a t-SNE view of a ``predict`` embedding file).
+
 Every run saves its resolved config beside its TensorBoard logs, logs learning rates, keeps the best
 checkpoint by validation rsum plus the last one, and ``predict`` writes embeddings to a file.
 Settings that cannot work end the command with one clear message rather than a deep traceback.
@@ -13,7 +16,8 @@ import warnings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from adaptalign import compare
+from adaptalign import compare, stress_test
+from adaptalign.callbacks import tsne_view
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.records import DatasetFormatError
@@ -53,6 +57,10 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
+    if argv[:1] == ["stress"]:
+        raise SystemExit(stress_test.main(argv[1:]))
+    if argv[:1] == ["tsne"]:
+        raise SystemExit(tsne_view.main(argv[1:]))
     # Frozen towers are in eval mode on purpose; say so once in the docs, not at every run.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
