@@ -17,7 +17,7 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,18 @@ from adaptalign.compare_runs import (
     run_all,
     size_label,
 )
+from adaptalign.compare_stress import run_stress, write_stress_report
 
-SETTINGS = ("configs", "names", "seeds", "train_images", "output", "overrides")
+SETTINGS = (
+    "configs",
+    "names",
+    "seeds",
+    "train_images",
+    "output",
+    "overrides",
+    "stress_rates",
+    "stress_modality",
+)
 SETTING_ALIASES = {"name": "names", "override": "overrides", "seed": "seeds"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 OVERRIDE_OPTIONS = ("--override", "--overrides")
@@ -54,6 +64,8 @@ class Settings:
     train_images: list[TrainImages]
     output: Path
     overrides: list[str]
+    stress_rates: list[float] = field(default_factory=list)
+    stress_modality: str = "both"
 
 
 def parse_train_images(text: str | int | float | None) -> TrainImages:
@@ -146,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="runs at a time (default 1); more pays off when runs are short or leave cores idle",
+    )
+    parser.add_argument(
+        "--stress-rates",
+        nargs="+",
+        type=float,
+        metavar="RATE",
+        help="after the fits, evaluate each run's best checkpoint at these noise rates",
+    )
+    parser.add_argument(
+        "--stress-modality",
+        choices=("text", "image", "both"),
+        help="what the stress test perturbs (default: both)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument(
@@ -253,7 +277,24 @@ def resolve_settings(options: argparse.Namespace, overrides: list[str]) -> Setti
     if output is None:
         raise ValueError("no output folder; give --output DIR")
     file_overrides = [str(a) for a in _as_list(file.get("overrides", []))]
-    return Settings(configs, names, seeds, sizes, Path(str(output)), file_overrides + overrides)
+    rates = options.stress_rates
+    if rates is None:
+        rates = [float(r) for r in _as_list(file.get("stress_rates", []))]
+    if any(not 0 <= r <= 1 for r in rates):
+        raise ValueError(f"stress rates {rates}: expected values in [0, 1]")
+    modality = options.stress_modality or str(file.get("stress_modality", "both"))
+    if modality not in ("text", "image", "both"):
+        raise ValueError(f"stress modality {modality!r}: expected text, image or both")
+    return Settings(
+        configs,
+        names,
+        seeds,
+        sizes,
+        Path(str(output)),
+        file_overrides + overrides,
+        list(rates),
+        modality,
+    )
 
 
 def settings_document(settings: Settings) -> str:
@@ -267,6 +308,9 @@ def settings_document(settings: Settings) -> str:
         "output": str(settings.output),
         "overrides": settings.overrides,
     }
+    if settings.stress_rates:
+        document["stress_rates"] = settings.stress_rates
+        document["stress_modality"] = settings.stress_modality
     return yaml.safe_dump(document, sort_keys=False)
 
 
@@ -327,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if options.report_only:
         runs = plan(settings) if settings.configs else discover_runs(settings.output)
         write_report(settings.output, runs, settings.names or None)
+        write_stress_report(settings.output, runs, settings.stress_modality)
         return
     if not settings.configs:
         parser.error("no run configs; give --configs A.yaml ... or a --config file with configs")
@@ -346,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{len(runs)} runs, {to_go} to go; output {settings.output}", flush=True)
     failures = run_all(runs, settings.overrides, options.jobs)
     write_report(settings.output, runs, settings.names)
+    if settings.stress_rates:
+        run_stress(runs, settings.stress_rates, settings.stress_modality)
+        write_stress_report(settings.output, runs, settings.stress_modality)
     if failures:
         print(f"\n{len(failures)} of {len(runs)} runs failed:", file=sys.stderr)
         for outcome in failures:

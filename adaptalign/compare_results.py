@@ -135,12 +135,15 @@ def format_interval(stat: Stat | None, digits: int = 1) -> str:
     return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
+def metric_label(metric: str) -> str:
+    """A table header for a metric key: ``tail/i2t_R@1`` reads ``tail i→t R@1``."""
+    return metric.replace("/", " ").replace("_", " ").replace("i2t", "i→t").replace("t2i", "t→i")
+
+
 def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
     """One row per (config, training size): mean ± std over seeds and rsum's 95% interval."""
     header = ["config", "train images", "seeds"]
-    header += [
-        m.replace("_", " ").replace("i2t", "i→t").replace("t2i", "t→i") for m in TABLE_METRICS
-    ]
+    header += [metric_label(m) for m in TABLE_METRICS]
     header += ["rsum 95% CI", "rsum (last epoch)"]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -161,10 +164,7 @@ def bucket_table(groups: Sequence[dict[str, Any]]) -> str:
     if not shown:
         return ""
     header = ["config", "train images", "seeds"]
-    header += [
-        m.replace("/", " ").replace("_", " ").replace("i2t", "i→t").replace("t2i", "t→i")
-        for m in BUCKET_METRICS
-    ]
+    header += [metric_label(m) for m in BUCKET_METRICS]
     lines = [
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,43 @@ def check_rates(rates: Sequence[float]) -> list[float]:
     return sorted(set(rates))
 
 
+# Keys a config saved by ``fit`` holds for its subcommand, which a model-and-data parse refuses.
+SUBCOMMAND_KEYS = ("ckpt_path", "weights_only")
+
+
+def without_subcommand_keys(cli_args: list[str], folder: Path) -> list[str]:
+    """The arguments with every ``--config`` file stripped of subcommand-only keys.
+
+    So a run's saved ``config.yaml`` can be given as it is.
+    """
+    import yaml
+
+    out, index = [], 0
+    while index < len(cli_args):
+        arg = cli_args[index]
+        path = None
+        if arg == "--config" and index + 1 < len(cli_args):
+            path, index = cli_args[index + 1], index + 2
+        elif arg.startswith("--config="):
+            path, index = arg.split("=", 1)[1], index + 1
+        else:
+            out.append(arg)
+            index += 1
+            continue
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigurationError(f"--config {path}: {exc}") from exc
+        if isinstance(loaded, dict) and any(k in loaded for k in SUBCOMMAND_KEYS):
+            for key in SUBCOMMAND_KEYS:
+                loaded.pop(key, None)
+            cleaned = folder / f"config{len(out)}_{Path(path).name}"
+            cleaned.write_text(yaml.safe_dump(loaded, sort_keys=False))
+            path = str(cleaned)
+        out += ["--config", path]
+    return out
+
+
 def evaluate(cli_args: list[str], options: argparse.Namespace) -> list[dict[str, Any]]:
     """One validation per rate with the same model, data and checkpoint."""
     from adaptalign.lightning_modules.cli import build_cli
@@ -68,7 +106,9 @@ def evaluate(cli_args: list[str], options: argparse.Namespace) -> list[dict[str,
         raise ConfigurationError(f"--ckpt_path: {str(ckpt)!r} does not exist")
     rates = check_rates(options.rates)
     # No logger: the stress test writes its own files and must not add versions to the run.
-    cli = build_cli([*cli_args, "--trainer.logger=false"], run=False)
+    with tempfile.TemporaryDirectory() as folder:
+        args = without_subcommand_keys(cli_args, Path(folder))
+        cli = build_cli([*args, "--trainer.logger=false"], run=False)
     rows = []
     for rate in rates:
         cli.datamodule.eval_noise = noise_for(rate, options.modality, options.noise_seed)

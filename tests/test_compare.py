@@ -381,3 +381,34 @@ def test_a_deleted_summary_reruns_that_run_and_failures_do_not_stop_the_rest(
     assert not (output / "runs" / "tiny" / "n64" / "seed0" / "summary.json").exists()
     with (output / "results.csv").open() as handle:  # the report covers the finished runs
         assert len(list(csv.DictReader(handle))) == 4
+
+
+def test_stress_test_of_finished_runs(comparison: tuple[Path, str], tiny_text_model: str) -> None:
+    """``--stress-rates`` evaluates each finished run's best checkpoint under noise, once."""
+    output, _ = comparison
+    extra = ("--configs", TINY, "--train-images", "16", "--stress-rates", "0", "0.5")
+    code, out, err = compare(output, tiny_text_model, *extra, "--stress-modality", "text")
+    assert code == 0, out + err
+    assert "[stress 1/2] tiny n=16 seed=0 (text noise)" in out
+    assert (output / "results_stress.csv").is_file(), out + err
+    with (output / "results_stress.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["seed"], float(r["rate"])) for r in rows] == [
+        ("0", 0.0),
+        ("0", 0.5),
+        ("1", 0.0),
+        ("1", 0.5),
+    ]
+    with (output / "results.csv").open() as handle:
+        best = {
+            r["seed"]: float(r["rsum"]) for r in csv.DictReader(handle) if r["train_images"] == "16"
+        }
+    for r in rows:
+        if float(r["rate"]) == 0.0:  # the clean split: the best validation again
+            assert float(r["rsum"]) == pytest.approx(best[r["seed"]], abs=1e-4)
+    markdown = (output / "results_stress.md").read_text()
+    assert "| tiny | 16 | 0.5 | 2 |" in markdown
+    assert (output / "results_stress.png").stat().st_size > 1000
+    # A second call finds every stress result and runs nothing again.
+    code, out, err = compare(output, tiny_text_model, *extra, "--stress-modality", "text")
+    assert code == 0 and "[stress" not in out

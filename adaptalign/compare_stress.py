@@ -1,0 +1,186 @@
+"""The noise stress test inside a comparison: each finished run's best checkpoint under noise.
+
+After the fits, ``adaptalign compare --stress-rates 0 0.1 0.3`` runs ``adaptalign stress`` on every
+finished run that has no stress result yet (so re-running resumes here too), with the run's own
+saved config and its best checkpoint, and reports mean ± std over seeds per config, training size
+and noise rate (``results_stress.md``, ``results_stress.csv``, ``results_stress.png``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adaptalign.compare_results import describe, format_stat, metric_label, write_atomic
+from adaptalign.compare_runs import Run, size_label
+
+STRESS_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+
+
+def stress_folder(run: Run, modality: str) -> Path:
+    return run.folder / f"stress_{modality}"
+
+
+def stress_command(run: Run, rates: Sequence[float], modality: str) -> list[str] | None:
+    """``adaptalign stress`` on the run's saved config and best checkpoint; None if missing."""
+    configs = sorted(run.folder.glob("version_*/config.yaml"))
+    checkpoints = sorted(run.folder.glob("version_*/checkpoints/best-*.ckpt"))
+    if not configs or not checkpoints:
+        return None
+    return [
+        sys.executable,
+        "-m",
+        "adaptalign",
+        "stress",
+        "--config",
+        str(configs[-1]),
+        "--ckpt_path",
+        str(checkpoints[-1]),
+        "--rates",
+        *(f"{r:g}" for r in rates),
+        "--modality",
+        modality,
+        "--output",
+        str(stress_folder(run, modality)),
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def run_stress(runs: Sequence[Run], rates: Sequence[float], modality: str) -> list[Run]:
+    """Stress-tests finished runs without a result; returns the runs that failed."""
+    failed = []
+    todo = [r for r in runs if r.finished() and not _result(r, modality).is_file()]
+    for index, run in enumerate(todo):
+        command = stress_command(run, rates, modality)
+        if command is None:
+            print(f"[stress {index + 1}/{len(todo)}] {run.label}: no config or best checkpoint")
+            failed.append(run)
+            continue
+        print(f"[stress {index + 1}/{len(todo)}] {run.label} ({modality} noise)", flush=True)
+        log = run.folder / f"stress_{modality}.log"
+        with log.open("w") as out:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        if code != 0 or not _result(run, modality).is_file():
+            print(f"    failed (exit {code}); log {log}", file=sys.stderr)
+            failed.append(run)
+    return failed
+
+
+def _result(run: Run, modality: str) -> Path:
+    return stress_folder(run, modality) / "stress.json"
+
+
+def stress_rows(runs: Sequence[Run], modality: str) -> list[dict[str, Any]]:
+    """One row per (run, rate) from the finished stress results."""
+    rows = []
+    for run in runs:
+        path = _result(run, modality)
+        if not path.is_file():
+            continue
+        for entry in json.loads(path.read_text()):
+            row = {
+                "name": run.name,
+                "train_images": size_label(run.train_images),
+                "seed": run.seed,
+                "rate": float(entry["rate"]),
+            }
+            row.update({m: entry.get(m) for m in STRESS_METRICS})
+            rows.append(row)
+    return rows
+
+
+def aggregate_stress(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (config, training size, rate), in first-seen order."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["name"], row["train_images"], row["rate"]), []).append(row)
+    return [
+        {
+            "name": name,
+            "train_images": size,
+            "rate": rate,
+            "seeds": len(members),
+            "stats": {
+                m: describe([float(r[m]) for r in members])
+                for m in STRESS_METRICS
+                if all(r.get(m) is not None for r in members)
+            },
+        }
+        for (name, size, rate), members in groups.items()
+    ]
+
+
+def stress_markdown(groups: Sequence[dict[str, Any]], modality: str) -> str:
+    header = ["config", "train images", "noise rate", "seeds"]
+    header += [metric_label(m) for m in STRESS_METRICS]
+    lines = [
+        f"# Noise stress test ({modality} noise)\n",
+        "Each run's best checkpoint evaluated on the validation split with noise at each rate; "
+        "mean ± std over seeds, in %.\n",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---", "---", "---:", "---:"] + ["---:"] * len(STRESS_METRICS)) + " |",
+    ]
+    ordered = sorted(groups, key=lambda g: (g["train_images"], g["name"], g["rate"]))
+    for group in ordered:
+        cells = [group["name"], group["train_images"], f"{group['rate']:g}", str(group["seeds"])]
+        cells += [format_stat(group["stats"].get(m)) for m in STRESS_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def stress_plot(groups: Sequence[dict[str, Any]], modality: str) -> bytes:
+    """rsum against noise rate, one line per config, one panel per training size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sizes = list(dict.fromkeys(g["train_images"] for g in groups))
+    figure = Figure(figsize=(5 * len(sizes), 3.8))
+    FigureCanvasAgg(figure)
+    for index, size in enumerate(sizes):
+        axes = figure.add_subplot(1, len(sizes), index + 1)
+        mine = [g for g in groups if g["train_images"] == size and "rsum" in g["stats"]]
+        for name in dict.fromkeys(g["name"] for g in mine):
+            line = sorted((g for g in mine if g["name"] == name), key=lambda g: g["rate"])
+            stats = [g["stats"]["rsum"] for g in line]
+            axes.errorbar(
+                [g["rate"] for g in line],
+                [s.mean for s in stats],
+                yerr=[s.std or 0.0 for s in stats],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
+        axes.set_xlabel(f"{modality} noise rate")
+        axes.set_ylabel("rsum (mean ± std over seeds)")
+        axes.set_title(f"{size} train images")
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def write_stress_report(output: Path, runs: Sequence[Run], modality: str) -> bool:
+    rows = stress_rows(runs, modality)
+    if not rows:
+        return False
+    groups = aggregate_stress(rows)
+    buffer = io.StringIO()
+    fields = ["name", "train_images", "seed", "rate", *STRESS_METRICS]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(output / "results_stress.csv", buffer.getvalue())
+    markdown = stress_markdown(groups, modality)
+    write_atomic(output / "results_stress.md", markdown)
+    write_atomic(output / "results_stress.png", stress_plot(groups, modality))
+    print(f"\n{markdown}", flush=True)
+    return True

@@ -1,0 +1,470 @@
+"""Object tags for training pairs, so a curriculum can group pairs that show the same object.
+
+Ontology-informed sampling needs to know which object each pair is about. Datasets that annotate
+objects (the generated data names its shapes) keep their own tags; otherwise a vocabulary of
+canonical objects and their synonyms is matched against the captions.
+
+Vocabulary files are JSON objects mapping a canonical name (the tag) to every singular form that
+names it, for example ``{"hot dog": ["hot dog", "hotdog", "frankfurter"]}``. The list is exactly
+what is matched: the canonical name is not added on its own, so an ambiguous name can be left out
+(the built-in "orange" fruit matches "oranges" and "tangerine" but not the colour "orange").
+Plurals are generated (see :func:`plural`), so files list singular forms only; a form that
+already ends in a plural "s" ("skis", "scissors", "oranges") is left as it is.
+
+Matching rules:
+
+* Text is lower-cased and split into words made of letters only: digits, spaces, apostrophes and
+  hyphens all separate words. "T-shirt", "t shirt" and "T shirt" are therefore the same two
+  words, and a hyphenated synonym in a file matches both spellings. A possessive leaves a
+  separate "s" behind ("man's" reads as "man s"), which still names the man.
+* A synonym of several words matches the same words in a row.
+* Scanning left to right, the longest synonym starting at a word wins, so "hot dog" is never
+  also a "dog", and "teddy bear" is never also a "bear".
+* A form written explicitly under two different objects is an error; a generated plural never
+  overrides an explicit form ("glasses" stays the eyewear even if "glass" were listed), and
+  between two generated plurals the object listed first keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+Untagged = Literal["keep", "drop", "error"]
+UNTAGGED_CHOICES = ("keep", "drop", "error")
+VOCABULARY_PACKAGE = "adaptalign.datamodules"
+VOCABULARY_FOLDER = "vocabularies"
+# How many image ids an error about untagged pairs names; the full list would drown the message.
+SHOWN_IDS = 5
+# How many of the most frequent objects the summary lists.
+TOP_OBJECTS = 10
+
+_WORD = re.compile(r"[^\W\d_]+")
+
+# Words whose plural is the same word.
+INVARIANT_PLURALS = frozenset(
+    {"sheep", "fish", "deer", "moose", "bison", "aircraft", "salmon", "series", "species"}
+)
+# Irregular endings; matched as word endings so "fireman", "grandchild" and "dormouse" follow.
+IRREGULAR_ENDINGS = (
+    ("person", "people"),
+    ("child", "children"),
+    ("man", "men"),  # also "woman", "fireman", "gentleman"
+    ("mouse", "mice"),
+    ("louse", "lice"),
+    ("goose", "geese"),
+    ("foot", "feet"),
+    ("tooth", "teeth"),
+    ("ox", "oxen"),
+)
+# Words ending like an irregular one that are regular after all.
+REGULAR_EXCEPTIONS = frozenset(
+    {
+        "human",
+        "german",
+        "roman",
+        "shaman",
+        "talisman",
+        "caiman",
+        "ottoman",
+        "box",
+        "fox",
+        "mongoose",
+    }
+)
+# f / fe words whose plural is "ves"; others ("roof", "chef", "giraffe") just add "s".
+VES_PLURALS = {
+    "knife": "knives",
+    "wife": "wives",
+    "life": "lives",
+    "leaf": "leaves",
+    "loaf": "loaves",
+    "shelf": "shelves",
+    "wolf": "wolves",
+    "calf": "calves",
+    "half": "halves",
+    "scarf": "scarves",
+    "thief": "thieves",
+    "elf": "elves",
+    "hoof": "hooves",
+}
+# Words ending in "o" whose plural adds "es"; others ("photo", "piano", "zoo") add "s".
+OES_PLURALS = frozenset({"potato", "tomato", "hero", "echo", "torpedo", "mosquito"})
+
+
+@dataclass
+class OntologyConfig:
+    """Where the object vocabulary comes from and what happens to pairs no object is found in.
+
+    Args:
+        vocabulary: a built-in vocabulary name (``everyday``: the COCO categories and common
+            Flickr nouns) or the path of a JSON vocabulary file.
+        use_dataset_objects: records that already carry ``objects`` (the generated data does)
+            keep them instead of being tagged from their captions.
+        untagged: pairs whose captions name no object are ``keep`` (their own pool, used only in
+            diverse batches), ``drop`` (left out of training, the count is logged) or ``error``.
+        min_pairs: objects that are the primary object of fewer training pairs never get a
+            same-object batch (too few pairs to make one useful).
+    """
+
+    vocabulary: str = "everyday"
+    use_dataset_objects: bool = True
+    untagged: Untagged = "keep"
+    min_pairs: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vocabulary, str) or not self.vocabulary.strip():
+            raise ConfigurationError(
+                f"ontology.vocabulary={self.vocabulary!r}; expected a built-in vocabulary name "
+                f"({', '.join(builtin_vocabularies())}) or the path of a JSON file"
+            )
+        if not isinstance(self.use_dataset_objects, bool):
+            raise ConfigurationError(
+                f"ontology.use_dataset_objects={self.use_dataset_objects!r}; expected true or false"
+            )
+        if self.untagged not in UNTAGGED_CHOICES:
+            choices = ", ".join(UNTAGGED_CHOICES)
+            raise ConfigurationError(
+                f"ontology.untagged={self.untagged!r}; expected one of {choices}"
+            )
+        value = self.min_pairs
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"ontology.min_pairs={value!r}; expected an integer >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# words
+
+
+def words(text: str) -> tuple[str, ...]:
+    """Lower-cased words of letters only; everything else (hyphens included) separates words."""
+    return tuple(_WORD.findall(text.lower()))
+
+
+def plural(word: str) -> str:
+    """The regular or irregular English plural of one lower-case singular word.
+
+    A word that already looks plural (ends in "s" but not "ss" or "us") is returned as it
+    is, so pluralia tantum such as "scissors" and "jeans" can be listed directly.
+    """
+    if word in INVARIANT_PLURALS:
+        return word
+    if word not in REGULAR_EXCEPTIONS:
+        for singular, irregular in IRREGULAR_ENDINGS:
+            if word.endswith(singular):
+                return word[: len(word) - len(singular)] + irregular
+    if word.endswith("s") and not word.endswith(("ss", "us")):
+        return word
+    if word in VES_PLURALS:
+        return VES_PLURALS[word]
+    if word.endswith(("s", "x", "z", "ch", "sh")) or word in OES_PLURALS:
+        return word + "es"
+    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def plural_phrase(phrase: tuple[str, ...]) -> tuple[str, ...]:
+    """Plural of a multi-word name: its last word changes ("teddy bear" -> "teddy bears")."""
+    return (*phrase[:-1], plural(phrase[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# vocabulary files
+
+
+def builtin_vocabularies() -> list[str]:
+    """Names of the vocabularies shipped with the package."""
+    folder = resources.files(VOCABULARY_PACKAGE).joinpath(VOCABULARY_FOLDER)
+    return sorted(
+        entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json")
+    )
+
+
+def vocabulary_source(vocabulary: str) -> tuple[str, str]:
+    """The text of a vocabulary and the name errors should give for it (its file)."""
+    if vocabulary in builtin_vocabularies():
+        folder = resources.files(VOCABULARY_PACKAGE).joinpath(VOCABULARY_FOLDER)
+        entry = folder.joinpath(f"{vocabulary}.json")
+        return entry.read_text(encoding="utf-8"), str(entry)
+    path = Path(vocabulary).expanduser()
+    if not path.is_file():
+        raise ConfigurationError(
+            f"ontology.vocabulary={vocabulary!r}: no such file and not a built-in vocabulary; "
+            f"expected one of {', '.join(builtin_vocabularies())} or the path of a JSON file"
+        )
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetFormatError(f"{path}: cannot read the vocabulary file ({exc})") from exc
+
+
+def parse_vocabulary(text: str, source: str) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Canonical name -> its synonyms as word sequences, checked entry by entry.
+
+    Duplicate names are caught (plain JSON loading would silently keep the last one).
+    """
+    duplicates: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                duplicates.append(key)
+            seen[key] = value
+        return seen
+
+    example = '{"dog": ["dog", "puppy"], "hot dog": ["hot dog", "hotdog"]}'
+    try:
+        top = json.loads(text, object_pairs_hook=pairs_hook)
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(
+            f"{source}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+            f"expected a vocabulary like {example}"
+        ) from exc
+    if not isinstance(top, dict):
+        raise DatasetFormatError(
+            f"{source}: top level is a JSON {type(top).__name__}; expected an object like {example}"
+        )
+    if duplicates:
+        raise DatasetFormatError(
+            f"{source}: entry {duplicates[0]!r} appears more than once; expected each object once"
+        )
+    if not top:
+        raise DatasetFormatError(f"{source}: no entries; expected at least one object")
+    vocabulary: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for name, synonyms in top.items():
+        if not words(name):
+            raise DatasetFormatError(
+                f"{source}: entry {name!r}: the object name has no letters; expected a name "
+                "such as 'dog'"
+            )
+        if not isinstance(synonyms, list) or not synonyms:
+            raise DatasetFormatError(
+                f"{source}: entry {name!r}: got {synonyms!r}; expected a non-empty list of the "
+                "singular words that name it"
+            )
+        forms: list[tuple[str, ...]] = []
+        for j, synonym in enumerate(synonyms):
+            if not isinstance(synonym, str) or not words(synonym):
+                raise DatasetFormatError(
+                    f"{source}: entry {name!r}, synonym [{j}]: got {synonym!r}; expected a string "
+                    "with at least one word of letters"
+                )
+            if words(synonym) not in forms:
+                forms.append(words(synonym))
+        vocabulary[name] = tuple(forms)
+    return vocabulary
+
+
+def build_matcher(
+    vocabulary: Mapping[str, Sequence[tuple[str, ...]]], source: str
+) -> dict[tuple[str, ...], str]:
+    """Word sequence -> canonical name, explicit forms first, then generated plurals."""
+    matcher: dict[tuple[str, ...], str] = {}
+    for name, forms in vocabulary.items():
+        for form in forms:
+            other = matcher.get(form)
+            if other is not None and other != name:
+                raise DatasetFormatError(
+                    f"{source}: entry {name!r}: synonym {' '.join(form)!r} is already a synonym "
+                    f"of {other!r}; expected each synonym under one object only"
+                )
+            matcher[form] = name
+    for name, forms in vocabulary.items():
+        for form in forms:
+            matcher.setdefault(plural_phrase(form), name)
+    return matcher
+
+
+# ---------------------------------------------------------------------------------------------
+# tagging
+
+
+class Ontology:
+    """Tags captions and records with canonical objects from a vocabulary."""
+
+    def __init__(
+        self,
+        vocabulary: Mapping[str, Sequence[str]],
+        config: OntologyConfig | None = None,
+        source: str = "vocabulary",
+    ) -> None:
+        self.config = config or OntologyConfig()
+        text = json.dumps({name: list(forms) for name, forms in vocabulary.items()})
+        self.vocabulary = parse_vocabulary(text, source)
+        self.source = source
+        self.matcher = build_matcher(self.vocabulary, source)
+        self.longest = max(len(form) for form in self.matcher)
+
+    @classmethod
+    def from_config(cls, config: OntologyConfig | None = None) -> Ontology:
+        """The ontology of a built-in vocabulary or a vocabulary file."""
+        config = config or OntologyConfig()
+        text, source = vocabulary_source(config.vocabulary)
+        vocabulary = parse_vocabulary(text, source)
+        plain = {name: [" ".join(form) for form in forms] for name, forms in vocabulary.items()}
+        return cls(plain, config, source)
+
+    @property
+    def objects(self) -> list[str]:
+        """Canonical object names, in vocabulary order."""
+        return list(self.vocabulary)
+
+    def _mentions(self, caption: str) -> list[str]:
+        """Canonical objects in the order the caption mentions them, repeats included."""
+        tokens = words(caption)
+        found: list[str] = []
+        i = 0
+        while i < len(tokens):
+            for length in range(min(self.longest, len(tokens) - i), 0, -1):
+                name = self.matcher.get(tokens[i : i + length])
+                if name is not None:
+                    found.append(name)
+                    i += length
+                    break
+            else:
+                i += 1
+        return found
+
+    def tag_caption(self, caption: str) -> tuple[str, ...]:
+        """Distinct canonical objects a caption names, in order of first mention."""
+        return tuple(dict.fromkeys(self._mentions(caption)))
+
+    def resolve(self, tag: str) -> str:
+        """A name for an object (canonical, a synonym or a plural) as its canonical name.
+
+        Names the vocabulary does not know are kept, lower-cased, so image taggers with their
+        own categories still work.
+        """
+        if tag in self.vocabulary:
+            return tag
+        return self.matcher.get(words(tag), tag.strip().lower())
+
+    def caption_tags(self, captions: Sequence[str]) -> tuple[str, ...]:
+        """Objects named in any caption: most captions first, then earliest first mention.
+
+        Ranking by how many captions agree makes the primary object the one annotators
+        consistently saw, not an incidental background word of one caption.
+        """
+        mentions: Counter[str] = Counter()
+        first: dict[str, tuple[int, int]] = {}
+        for c, caption in enumerate(captions):
+            for position, name in enumerate(self.tag_caption(caption)):
+                mentions[name] += 1
+                first.setdefault(name, (c, position))
+        return tuple(sorted(mentions, key=lambda name: (-mentions[name], first[name])))
+
+    def tag_record(self, record: Record) -> tuple[str, ...]:
+        """A record's tags, primary object first: the dataset's own, or from its captions."""
+        if self.config.use_dataset_objects and record.objects:
+            return tuple(record.objects)
+        return self.caption_tags(record.captions)
+
+    def tag_records(
+        self,
+        records: Sequence[Record],
+        image_tags: Mapping[int, Iterable[str]] | None = None,
+    ) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
+        """Tags of every record and a summary of them for logging.
+
+        ``image_tags`` (image id -> object names from an image-side tagger, e.g. a detector)
+        removes caption tags the image does not confirm: caption tags are intersected with them,
+        keeping the caption ranking. When nothing is in both, the caption tags are kept (the
+        captions are what the text tower trains on, and a detector misses objects), and a record
+        whose captions name nothing takes the image tags in the order given. Tags a dataset
+        supplied itself (``use_dataset_objects``) are ground truth and are not intersected.
+        """
+        image_tags = image_tags or {}
+        tags: list[tuple[str, ...]] = []
+        from_dataset = 0
+        for record in records:
+            if self.config.use_dataset_objects and record.objects:
+                tags.append(tuple(record.objects))
+                from_dataset += 1
+                continue
+            found = self.caption_tags(record.captions)
+            if record.image_id in image_tags:
+                seen = tuple(dict.fromkeys(self.resolve(t) for t in image_tags[record.image_id]))
+                confirmed = tuple(t for t in found if t in seen)
+                found = confirmed or found or seen
+            tags.append(found)
+        return tags, self.summary(records, tags, from_dataset)
+
+    def summary(
+        self, records: Sequence[Record], tags: Sequence[tuple[str, ...]], from_dataset: int = 0
+    ) -> dict[str, Any]:
+        """Counts worth logging: how many pairs got tags, how many objects, which are common."""
+        primary = Counter(t[0] for t in tags if t)
+        untagged_ids = [r.image_id for r, t in zip(records, tags, strict=True) if not t]
+        threshold = max(2, self.config.min_pairs)
+        return {
+            "pairs": len(tags),
+            "tagged": len(tags) - len(untagged_ids),
+            "untagged": len(untagged_ids),
+            "untagged_image_ids": untagged_ids[:SHOWN_IDS],
+            "from_dataset": from_dataset,
+            "objects": len({name for t in tags for name in t}),
+            "primary_objects": len(primary),
+            "same_object_candidates": sum(1 for n in primary.values() if n >= threshold),
+            "top_objects": sorted(primary.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_OBJECTS],
+        }
+
+    def prepare(
+        self,
+        records: Sequence[Record],
+        image_tags: Mapping[int, Iterable[str]] | None = None,
+    ) -> tuple[list[Record], dict[str, Any]]:
+        """Training records carrying their tags in ``objects``, with the untagged policy applied.
+
+        Storing the tags in the records makes every batch carry them (``batch["objects"]``), so
+        the sampler and batch statistics see the same tags.
+        """
+        tags, summary = self.tag_records(records, image_tags)
+        untagged = summary["untagged"]
+        if untagged and self.config.untagged == "error":
+            shown = ", ".join(str(i) for i in summary["untagged_image_ids"])
+            more = ", ..." if untagged > SHOWN_IDS else ""
+            raise DatasetFormatError(
+                f"{untagged} of {len(records)} training images have captions naming no object of "
+                f"the vocabulary {self.source} (image ids {shown}{more}); expected every pair to "
+                "be tagged because ontology.untagged='error' (extend the vocabulary, or set "
+                "ontology.untagged to 'keep' or 'drop')"
+            )
+        tagged = [replace(r, objects=t) for r, t in zip(records, tags, strict=True)]
+        if untagged and self.config.untagged == "drop":
+            tagged = [r for r in tagged if r.objects]
+            log.info(
+                "left out %d of %d training images whose captions name no object of %s",
+                untagged,
+                len(records),
+                self.source,
+            )
+        summary["kept"] = len(tagged)
+        return tagged, summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """One log line for a :meth:`Ontology.tag_records` summary."""
+    pairs = summary["pairs"]
+    share = summary["tagged"] / pairs if pairs else math.nan
+    top = ", ".join(f"{name} {count}" for name, count in summary["top_objects"])
+    return (
+        f"object tags: {summary['tagged']} of {pairs} pairs tagged ({share:.1%}), "
+        f"{summary['untagged']} untagged, {summary['objects']} objects, "
+        f"{summary['same_object_candidates']} with enough pairs for same-object batches; "
+        f"most common: {top}"
+    )

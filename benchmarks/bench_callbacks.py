@@ -1,0 +1,116 @@
+"""Training-step time of the system with and without the adaptive callbacks.
+
+    python benchmarks/bench_callbacks.py [--steps 8] [--repeats 3] [--batch-size 16]
+
+The system and batches of ``bench_train_step.py`` (quick start towers, AlignmentModule, Lightning's
+loop with TensorBoard logging), fitted without an adaptive callback and with each callback below.
+Fits alternate within every repeat, and the order flips from one repeat to the next, so machine
+noise and drift hit every variant alike; the median seconds per step and each variant's ratio to
+the plain system are printed (goal <= 1.03x), with the ratio of the fastest repeats beside it (the
+least disturbed by other work on the machine). Because a few per cent is within the noise of a busy
+machine, the time spent inside each callback's own hooks is also clocked and printed as a share of
+the plain step: a direct, low-noise estimate of the same overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from bench_train_step import StepTimer, loader, make_batches, make_module
+
+from adaptalign.callbacks.loss_weighting import LossWeighting
+
+GOAL = 1.03
+
+
+class HookClock:
+    """Mixin: adds the seconds spent in the callback's batch hooks to ``hook_seconds``."""
+
+    hook_seconds = 0.0
+    hook_steps = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_start(*args)  # type: ignore[misc]
+        self.hook_seconds += time.perf_counter() - start
+
+    def on_train_batch_end(self, *args: object) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_end(*args)  # type: ignore[misc]
+        self.hook_seconds += time.perf_counter() - start
+        self.hook_steps += 1
+
+
+class TimedLossWeighting(HookClock, LossWeighting):
+    pass
+
+
+VARIANTS: dict[str, Callable[[], list[L.Callback]]] = {
+    "none": list,
+    "loss_weighting(variance)": lambda: [TimedLossWeighting(signal="variance")],
+}
+
+
+def time_fit(batches: list[dict], skip: int, callbacks: list[L.Callback]) -> float:
+    """Seconds per training step after ``skip`` warm-up steps."""
+    module = make_module()
+    timer = StepTimer(skip)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_val_batches=0,
+            default_root_dir=root,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            log_every_n_steps=5,
+            callbacks=[*callbacks, timer],
+        )
+        trainer.fit(module, train_dataloaders=loader(batches))
+    return (timer.end - timer.start) / timer.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    skip = 2  # first steps pay for allocation
+    batches = make_batches(args.steps + skip, args.batch_size)
+    names = list(VARIANTS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    hooks: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            callbacks = VARIANTS[name]()
+            times[name].append(time_fit(batches, skip, callbacks))
+            clocked = [c for c in callbacks if isinstance(c, HookClock)]
+            hooks[name].append(sum(c.hook_seconds / c.hook_steps for c in clocked))
+        row = "  ".join(f"{name} {times[name][-1]:.3f}" for name in names)
+        print(f"repeat {r + 1} (s/step): {row}")
+    base, best = statistics.median(times["none"]), min(times["none"])
+    print(f"\nwithout adaptive callbacks: median {base:.3f} s/step, fastest {best:.3f}")
+    for name in names[1:]:
+        median = statistics.median(times[name])
+        ratio = median / base
+        hook = statistics.median(hooks[name])
+        verdict = "PASS" if ratio <= GOAL else "FAIL"
+        print(
+            f"{name}: median {median:.3f} s/step, ratio {ratio:.3f} (goal <= {GOAL:.2f}: "
+            f"{verdict}); fastest-repeat ratio {min(times[name]) / best:.3f}; its hooks "
+            f"{1e3 * hook:.2f} ms/step = {100 * hook / base:.2f}% of a step"
+        )
+
+
+if __name__ == "__main__":
+    main()
