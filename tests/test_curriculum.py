@@ -387,43 +387,12 @@ def curriculum_fit(
     num_workers: int = 0,
     **settings: object,
 ) -> tuple[AlignmentDataModule, dict[int, list[list[int]]], L.Trainer]:
-    """A fit on the generated data batched by the curriculum sampler; the indices it trained on.
-
-    The data module is the built-in one with a training loader as a ``curriculum`` sampler
-    option would build it: records tagged by the ontology, a ``CurriculumBatchSampler`` starting
-    at the trainer's epoch and the curriculum's share for it.
-    """
+    """A fit on the generated data batched by the curriculum sampler; the indices it trained on."""
     import lightning as L
 
-    from adaptalign.callbacks.curriculum import initial_share
     from adaptalign.datamodules.datamodule import AlignmentDataModule
-    from adaptalign.datamodules.datasets import TrainPairs, collate_pairs
     from adaptalign.datamodules.generated import GeneratedConfig
-    from adaptalign.datamodules.ontology import Ontology, OntologyConfig
     from tests.builders import quiet_trainer, tiny_module
-
-    class CurriculumData(AlignmentDataModule):
-        def train_dataloader(self) -> DataLoader:
-            records, _ = Ontology.from_config(OntologyConfig()).prepare(self._records("train"))
-            dataset = TrainPairs(records, self.image_transform(training=False), seed=self.seed)
-            rank, world = self._world()
-            epoch = self.trainer.current_epoch
-            self.sampler = CurriculumBatchSampler(
-                [r.objects for r in records],
-                self.batch_size,
-                num_replicas=world,
-                rank=rank,
-                seed=self.seed,
-                epoch=epoch,
-                same_object_share=initial_share(self.trainer, epoch),
-            )
-            return DataLoader(
-                dataset,
-                batch_sampler=self.sampler,
-                collate_fn=collate_pairs,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-            )
 
     trained: dict[int, list[list[int]]] = {}
 
@@ -431,11 +400,12 @@ def curriculum_fit(
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             trained.setdefault(trainer.current_epoch, []).append(batch["index"].tolist())
 
-    data = CurriculumData(
+    data = AlignmentDataModule(
         generated=GeneratedConfig(num_train=48, num_val=8, num_test=8, image_size=32),
         cache_dir=str(cache),
         batch_size=8,
         num_workers=num_workers,
+        sampler="curriculum",
     )
     trainer = quiet_trainer(
         max_epochs=max_epochs,
@@ -454,9 +424,11 @@ def test_real_fit_follows_the_curriculum(
     callback = curriculum.ObjectCurriculum(schedule="switch", switch_epoch=1)
     data, trained, trainer = curriculum_fit(tiny_text_model, tmp_path, 2, callback)
     tags = [r.objects for r in data.splits["train"]]  # the generated data's own shapes
-    assert all(tags) and data.sampler.same_object_share == 1.0
+    assert all(tags) and data.train_batch_sampler.same_object_share == 1.0
     for epoch in (0, 1):  # what trained is exactly the plan for that epoch and share
-        assert trained[epoch] == data.sampler.global_batches(epoch, callback.share(epoch))
+        assert trained[epoch] == data.train_batch_sampler.global_batches(
+            epoch, callback.share(epoch)
+        )
     assert len(trained[0]) == len(trained[1]) == 6
     diverse = batch_statistics(trained[0], tags)
     focused = batch_statistics(trained[1], tags)

@@ -24,6 +24,7 @@ from adaptalign.datamodules.clusters import (
     plot_cluster_sizes,
     size_buckets,
 )
+from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler
 from adaptalign.datamodules.datasets import (
     CaptionClusters,
     EvalImages,
@@ -40,6 +41,7 @@ from adaptalign.datamodules.frozen_features import FrozenFeatures, compute_froze
 from adaptalign.datamodules.generated import GeneratedConfig, default_cache_dir, generate_dataset
 from adaptalign.datamodules.image_check import check_images
 from adaptalign.datamodules.noise import NoiseConfig, caption_vocabulary, noisy_records
+from adaptalign.datamodules.ontology import Ontology, OntologyConfig, format_summary
 from adaptalign.datamodules.records import DatasetFormatError, Record
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 from adaptalign.errors import ConfigurationError
@@ -74,6 +76,12 @@ class AlignmentDataModule(L.LightningDataModule):
             and predict splits (the robustness stress test sets the latter per rate). Each
             corrupts the data once, the same way in every epoch, so frozen towers' features of
             the noisy data are cached like clean ones.
+        sampler: ``random`` shuffles pairs; ``curriculum`` builds object-diverse and same-object
+            batches (the share of same-object batches is set by the ``ObjectCurriculum``
+            callback) from each pair's ontology tags; under DDP it shards the batches itself, so
+            the trainer needs ``use_distributed_sampler: false``.
+        ontology: the vocabulary that tags training pairs with the objects their captions name
+            (default: the built-in everyday vocabulary; generated data keeps its true objects).
         batch_size: training pairs per batch on each process; ``eval_batch_size``: images per
             evaluation batch (each with all its captions).
         predict_split: the split ``predict`` embeds.
@@ -98,6 +106,8 @@ class AlignmentDataModule(L.LightningDataModule):
         clusters: ClusterConfig | None = None,
         noise: NoiseConfig | None = None,
         eval_noise: NoiseConfig | None = None,
+        sampler: Literal["random", "curriculum"] = "random",
+        ontology: OntologyConfig | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -125,6 +135,11 @@ class AlignmentDataModule(L.LightningDataModule):
         self.clusters = clusters
         self.noise = noise
         self.eval_noise = eval_noise
+        if sampler not in ("random", "curriculum"):
+            raise ConfigurationError(f"data.sampler={sampler!r}; expected 'random' or 'curriculum'")
+        self.sampler_name = sampler
+        self.train_batch_sampler: CurriculumBatchSampler | None = None
+        self.ontology = ontology
         self._noisy_features: dict[tuple[str, str], FrozenFeatures | None] = {}
         self.caption_clusters: CaptionClusters | None = None
         self.batch_size = batch_size
@@ -172,6 +187,10 @@ class AlignmentDataModule(L.LightningDataModule):
         splits = {n: [r for r in self.records if r.split == n] for n in ("train", "val", "test")}
         train = nested_subset(splits["train"], self.train_images, self.seed)
         splits["train"] = cap_captions(train, self.captions_per_image)
+        if self.sampler_name == "curriculum" or self.ontology is not None:
+            ontology = Ontology.from_config(self.ontology or OntologyConfig())
+            splits["train"], summary = ontology.prepare(splits["train"])
+            rank_zero_info(f"ontology tags: {format_summary(summary)}")
         if self.clusters is not None:
             self.caption_clusters = self._cluster(splits["train"], splits["val"] + splits["test"])
         self.splits = splits
@@ -289,12 +308,41 @@ class AlignmentDataModule(L.LightningDataModule):
             clusters=self.caption_clusters,
             image_noise=noise,
         )
+        if self.sampler_name == "curriculum":
+            return self._curriculum_loader(dataset, rank, world)
         sampler = PairSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _curriculum_loader(self, dataset: TrainPairs, rank: int, world: int) -> DataLoader:
+        """Batches from the curriculum sampler, which shards each global batch over ranks."""
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ConfigurationError(
+                "data.sampler='curriculum' shards batches itself; set "
+                "trainer.use_distributed_sampler: false"
+            )
+        config = self.ontology or OntologyConfig()
+        sampler = CurriculumBatchSampler(
+            [r.objects for r in dataset.records],
+            self.batch_size,
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            min_pairs=config.min_pairs,
+            epoch=self.trainer.current_epoch if self.trainer is not None else 0,
+        )
+        self.train_batch_sampler = sampler
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
             persistent_workers=self.num_workers > 0,
