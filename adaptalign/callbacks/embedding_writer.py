@@ -43,6 +43,8 @@ class EmbeddingWriter(BasePredictionWriter):
             )
         }
         result["texts"] = [t for b in batches for t in b["texts"]]
+        if all("text_cluster" in b for b in batches):  # with caption clusters: t-SNE colours
+            result["text_cluster"] = torch.cat([b["text_cluster"] for b in batches])
         if trainer.world_size > 1:
             path = self._target(trainer)
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")

@@ -243,7 +243,9 @@ class AlignmentModule(L.LightningModule):
         self.test_retrieval.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        extra = {"text_cluster": batch["text_cluster"].cpu()} if "text_cluster" in batch else {}
         return {
+            **extra,
             "image_embeddings": self.encode_images(batch).cpu(),
             "image_id": batch["image_id"].cpu(),
             "text_embeddings": self.encode_texts(batch).cpu(),
