@@ -3,3 +3,7 @@
 
 class ConfigurationError(ValueError):
     """A setting or file the user gave cannot be used; the message names it and what it expected."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the step, batch and controls."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from adaptalign.lightning_modules.controls import Controls, StepEmbeddings
 from adaptalign.lightning_modules.losses import info_nce, max_margin
 from adaptalign.lightning_modules.system import AlignmentModule, warmup_cosine
-from tests.builders import tiny_module
+from tests.builders import quiet_trainer, tiny_module
 
 
 @pytest.fixture()
@@ -146,3 +147,41 @@ def test_optimizer_groups_separate_towers_and_projections(tiny_text_model: str) 
     assert by_name["projections"]["initial_lr"] == 1e-3
     assert any(p is m.log_scale for p in by_name["projections_no_decay"]["params"])
     assert by_name["projections_no_decay"]["weight_decay"] == 0.0
+
+
+def test_non_finite_loss_stops_with_the_batch_and_controls(
+    tiny_text_model: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A NaN loss stops training before its backward pass; the last checkpoint stays good."""
+    import lightning as L
+
+    from adaptalign.datamodules.datamodule import AlignmentDataModule
+    from adaptalign.datamodules.generated import GeneratedConfig
+    from adaptalign.errors import NonFiniteLossError
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                pl_module.controls.loss_scale = float("nan")
+
+    data = AlignmentDataModule(
+        generated=GeneratedConfig(num_train=48, num_val=8, num_test=8, image_size=32),
+        batch_size=8,
+    )
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}"
+    )
+    trainer = quiet_trainer(
+        max_epochs=1, enable_checkpointing=True, callbacks=[Poison(), checkpoints]
+    )
+    module = tiny_module(tiny_text_model)
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.fit(module, data)
+    message = str(caught.value)
+    assert "global step 2, batch 2" in message and "'loss_scale': nan" in message
+    assert "image ids [" in message
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["step=1.ckpt", "step=2.ckpt"]
+    state = torch.load(tmp_path / "step=2.ckpt", weights_only=False)["state_dict"]
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    # The weights in memory are those of the last good step too: no NaN reached them.
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())

@@ -21,7 +21,7 @@ from adaptalign.callbacks import tsne_view
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.records import DatasetFormatError
-from adaptalign.errors import ConfigurationError
+from adaptalign.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules.system import AlignmentModule
 
 
@@ -69,6 +69,9 @@ def main(args: list[str] | None = None) -> None:
     except (ConfigurationError, DatasetFormatError) as exc:
         print(f"adaptalign: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    except NonFiniteLossError as exc:
+        print(f"adaptalign: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptalign.errors import ConfigurationError
+from adaptalign.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
 from adaptalign.lightning_modules.gather import gather_with_grad
 from adaptalign.lightning_modules.losses import info_nce, max_margin, step_statistics
@@ -204,12 +204,33 @@ class AlignmentModule(L.LightningModule):
         image = self.encode_images(batch)
         text = self.encode_texts(batch)
         loss, parts, stats = self.contrastive_loss(image, text, batch, controls)
+        self._check_finite(loss, batch, batch_idx, controls)
         size = image.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=size)
         self.log("train/temperature", stats.temperature.mean(), batch_size=size)
         return {"loss": loss, "statistics": stats, "controls": controls}
+
+    def _check_finite(self, loss: Tensor, batch: dict, batch_idx: int, controls: Controls) -> None:
+        """Stop before a NaN or Inf reaches the weights; every rank stops if any rank must.
+
+        The step raises before its backward pass, so the weights and the checkpoints written so
+        far stay those of the last good step.
+        """
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        ids = batch.get("image_id")
+        shown = ids[:8].tolist() if isinstance(ids, Tensor) else []
+        raise NonFiniteLossError(
+            f"non-finite training loss ({float(loss.detach()):g} on this process) at epoch "
+            f"{self.current_epoch}, global step {self.global_step}, batch {batch_idx} "
+            f"(image ids {shown}{' ...' if len(shown) == 8 else ''}); controls in force: "
+            f"{controls.describe()}. Training stopped; the last checkpoint is the last good one."
+        )
 
     # --------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, metric: RetrievalMetric) -> None:
