@@ -202,17 +202,23 @@ def test_two_process_ddp_fit_on_cpu(tiny_text_model: str, tmp_path: Path) -> Non
     assert state["global_step"] == 1
 
 
+ROOT = Path(__file__).parent.parent
+BASES = [
+    "configs/quickstart.yaml",
+    "configs/flickr8k/base.yaml",
+    "configs/generated/fixed_temperature.yaml",
+]
+OVERLAYS = sorted(
+    str(p.relative_to(ROOT))
+    for folder in ("configs/methods", "configs/trainer", "configs/flickr8k")
+    for p in (ROOT / folder).glob("*.yaml")
+    if p.name != "base.yaml"
+)
+
+
 @pytest.mark.parametrize(
     "configs",
-    [
-        ["configs/quickstart.yaml"],
-        ["configs/flickr8k/base.yaml"],
-        ["configs/flickr8k/base.yaml", "configs/flickr8k/fixed_temperature.yaml"],
-        ["configs/generated/fixed_temperature.yaml"],
-        ["configs/quickstart.yaml", "configs/methods/cosine_temperature.yaml"],
-        ["configs/quickstart.yaml", "configs/methods/mmts_infonce.yaml"],
-        ["configs/flickr8k/base.yaml", "configs/methods/mmts_max_margin.yaml"],
-    ],
+    [[base] for base in BASES] + [["configs/quickstart.yaml", overlay] for overlay in OVERLAYS],
 )
 def test_shipped_configs_parse(configs: list[str], capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every shipped config (and overlay) is valid for the CLI, without touching any data."""
@@ -226,3 +232,10 @@ def test_shipped_configs_parse(configs: list[str], capsys, monkeypatch: pytest.M
     if "flickr8k" in configs[0]:
         assert printed["model"]["image_tower"]["freeze"] is True
         assert printed["data"]["format"] == "flickr8k"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "compare").glob("*.yaml")), ids=str)
+def test_comparison_files_plan_existing_configs(path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(ROOT)
+    main(["compare", "--config", str(path), "--dry-run"])
+    assert "runs (" in capsys.readouterr().out

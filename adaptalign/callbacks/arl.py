@@ -303,8 +303,10 @@ class ARL(L.Callback):
         self.last_weights = weights.detach().cpu()
         w_image, w_text = (float(w) for w in self.last_weights)
         controls = pl_module.controls
-        controls.tower_grad_scale = (1.0 + w_image, 1.0 + w_text)
-        controls.extra_losses["arl_bias"] = (self.gamma, self.bias_loss)
+        # Multiplied into what other callbacks wrote, so methods compose in any order.
+        old = controls.tower_grad_scale
+        controls.tower_grad_scale = (old[0] * (1.0 + w_image), old[1] * (1.0 + w_text))
+        controls.add_extra_loss("arl_bias", self.gamma, self.bias_loss)
         self._pending = None
         pl_module.log("arl/w_image", w_image, on_step=True)
         pl_module.log("arl/w_text", w_text, on_step=True)

@@ -130,6 +130,10 @@ class TemperatureSchedule(L.Callback):
             sizes = torch.zeros(rows)
         step = trainer.global_step
         values = self.values(step, sizes).to(pl_module.device)
+        if getattr(pl_module.controls, self.target) is not None:
+            raise ConfigurationError(
+                f"two callbacks set the {self.target} of the same step; keep one schedule"
+            )
         setattr(pl_module.controls, self.target, values)
         pl_module.log(f"schedule/base_{self.target}", self.base(step), on_step=True)
         self._per_bucket(pl_module, sizes, values)

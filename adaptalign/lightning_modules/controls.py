@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from adaptalign.errors import ConfigurationError
+
 Scalar = float | Tensor
 
 
@@ -34,6 +36,10 @@ AuxiliaryLoss = Callable[[StepEmbeddings], Tensor]
 class Controls:
     """Per-step settings written by callbacks; ``None`` means "use the system's own".
 
+    Callbacks compose in any order: ``direction_weights``, ``loss_scale`` and ``tower_grad_scale``
+    are multiplied into what is already there, ``temperature`` and ``margin`` have at most one
+    writer per step, and ``extra_losses`` names are distinct (both enforced by the writers).
+
     ``temperature`` and ``margin`` are a scalar or one value per sample of this rank's batch (the
     rows this rank computes). ``direction_weights`` weigh the image->text and text->image terms;
     ``loss_scale`` multiplies the whole contrastive loss. ``tower_grad_scale`` multiplies the
@@ -47,6 +53,12 @@ class Controls:
     loss_scale: Scalar = 1.0
     tower_grad_scale: tuple[Scalar, Scalar] = (1.0, 1.0)
     extra_losses: dict[str, tuple[Scalar, AuxiliaryLoss]] = field(default_factory=dict)
+
+    def add_extra_loss(self, name: str, weight: Scalar, fn: AuxiliaryLoss) -> None:
+        """Register an auxiliary term; two callbacks claiming one name is a configuration error."""
+        if name in self.extra_losses:
+            raise ConfigurationError(f"two callbacks add the extra loss {name!r} to one step")
+        self.extra_losses[name] = (weight, fn)
 
     def describe(self) -> dict[str, object]:
         """A printable summary, for error messages and logs (tensors summarised, not dumped)."""
