@@ -272,3 +272,45 @@ def test_builtin_everyday_vocabulary() -> None:
     )
     assert o.tag_caption("people, children and toddlers") == ("person", "child")
     assert o.tag_caption("a teddy bear on a bed") == ("teddy bear", "bed")
+
+
+def test_data_module_reads_image_side_tags(tmp_path: Path) -> None:
+    import json
+
+    from adaptalign.datamodules.datamodule import AlignmentDataModule
+    from adaptalign.datamodules.generated import GeneratedConfig
+
+    vocabulary = tmp_path / "shapes.json"
+    shapes = ["circle", "square", "triangle", "star", "diamond", "cross", "ring", "heart"]
+    vocabulary.write_text(json.dumps({s: [s] for s in shapes}))
+
+    def module(image_tags: str | None) -> AlignmentDataModule:
+        data = AlignmentDataModule(
+            generated=GeneratedConfig(num_train=32, num_val=8, num_test=8, image_size=32),
+            cache_dir=str(tmp_path / "cache"),
+            batch_size=8,
+            sampler="curriculum",
+            ontology=OntologyConfig(
+                vocabulary=str(vocabulary), use_dataset_objects=False, image_tags=image_tags
+            ),
+        )
+        data.setup()
+        return data
+
+    plain = module(None)
+    several = next(r for r in plain.splits["train"] if len(r.objects) >= 2)
+    chosen = several.objects[-1]
+    tags_file = tmp_path / "image_tags.json"
+    tags_file.write_text(json.dumps({several.image_path.name: [chosen, "table"]}))
+    tagged = {r.image_id: r.objects for r in module(str(tags_file)).splits["train"]}
+    assert tagged[several.image_id] == (chosen,)  # captions' tags intersected with the image's
+    others = {
+        r.image_id: r.objects for r in plain.splits["train"] if r.image_id != several.image_id
+    }
+    assert all(tagged[i] == o for i, o in others.items())
+
+    tags_file.write_text(json.dumps({several.image_path.name: "dog"}))
+    with pytest.raises(DatasetFormatError, match=r"image_tags.json: entry .* expected a list"):
+        module(str(tags_file))
+    with pytest.raises(ConfigurationError, match=r"ontology.image_tags: .* does not exist"):
+        module(str(tmp_path / "missing.json"))

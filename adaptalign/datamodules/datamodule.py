@@ -41,7 +41,12 @@ from adaptalign.datamodules.frozen_features import FrozenFeatures, compute_froze
 from adaptalign.datamodules.generated import GeneratedConfig, default_cache_dir, generate_dataset
 from adaptalign.datamodules.image_check import check_images
 from adaptalign.datamodules.noise import NoiseConfig, caption_vocabulary, noisy_records
-from adaptalign.datamodules.ontology import Ontology, OntologyConfig, format_summary
+from adaptalign.datamodules.ontology import (
+    Ontology,
+    OntologyConfig,
+    format_summary,
+    load_image_tags,
+)
 from adaptalign.datamodules.records import DatasetFormatError, Record
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 from adaptalign.errors import ConfigurationError
@@ -188,8 +193,17 @@ class AlignmentDataModule(L.LightningDataModule):
         train = nested_subset(splits["train"], self.train_images, self.seed)
         splits["train"] = cap_captions(train, self.captions_per_image)
         if self.sampler_name == "curriculum" or self.ontology is not None:
-            ontology = Ontology.from_config(self.ontology or OntologyConfig())
-            splits["train"], summary = ontology.prepare(splits["train"])
+            config = self.ontology or OntologyConfig()
+            image_tags = None
+            if config.image_tags is not None:
+                by_name = load_image_tags(config.image_tags)
+                image_tags = {
+                    r.image_id: by_name[r.image_path.name]
+                    for r in splits["train"]
+                    if r.image_path.name in by_name
+                }
+            ontology = Ontology.from_config(config)
+            splits["train"], summary = ontology.prepare(splits["train"], image_tags)
             rank_zero_info(f"ontology tags: {format_summary(summary)}")
         if self.clusters is not None:
             self.caption_clusters = self._cluster(splits["train"], splits["val"] + splits["test"])

@@ -38,7 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.records import DatasetFormatError, Record, load_json_object
 from adaptalign.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -118,12 +118,16 @@ class OntologyConfig:
             diverse batches), ``drop`` (left out of training, the count is logged) or ``error``.
         min_pairs: objects that are the primary object of fewer training pairs never get a
             same-object batch (too few pairs to make one useful).
+        image_tags: optional JSON file of image-side tags (e.g. from an object detector),
+            ``{"image file name": ["dog", "frisbee"], ...}``; an image's caption tags are then
+            intersected with them.
     """
 
     vocabulary: str = "everyday"
     use_dataset_objects: bool = True
     untagged: Untagged = "keep"
     min_pairs: int = 1
+    image_tags: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vocabulary, str) or not self.vocabulary.strip():
@@ -468,3 +472,23 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{summary['same_object_candidates']} with enough pairs for same-object batches; "
         f"most common: {top}"
     )
+
+
+def load_image_tags(path: str | Path) -> dict[str, list[str]]:
+    """Image-side tags from a JSON object mapping image file names to lists of object names."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigurationError(f"ontology.image_tags: {str(file)!r} does not exist")
+    top = load_json_object(
+        file,
+        "image file names mapped to lists of object names",
+        '{"1000268201_693b08cb0e.jpg": ["child", "stairs"]}',
+    )
+    tags: dict[str, list[str]] = {}
+    for name, value in top.items():
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DatasetFormatError(
+                f"{file}: entry {name!r} is {value!r}; expected a list of object names"
+            )
+        tags[name] = value
+    return tags
