@@ -425,3 +425,18 @@ def test_weights_reach_the_loss_in_a_real_fit(
         later = [float(c.loss_scale) for c, _, _ in probe.rows[2:]]
         assert all(abs(v - 1.0) > 1e-4 for v in later)
         assert float(logged["loss_weight/scale"]) == pytest.approx(later[-1], rel=1e-6)
+
+
+def test_spread_as_direction_weights_is_warned_about() -> None:
+    """The two directions' similarity matrices are transposes: equal spreads, weights (1, 1)."""
+    from adaptalign.lightning_modules.losses import step_statistics
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=1)
+    text = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=1)
+    sim = image @ text.T
+    rows = torch.zeros(6)
+    stats = step_statistics(sim, sim.T, torch.arange(6), 0.1, rows, rows)
+    assert torch.allclose(stats.similarity_std[0], stats.similarity_std[1])
+    with pytest.warns(UserWarning, match="use mode='global'"):
+        LossWeighting(signal="spread", mode="directions")

@@ -44,6 +44,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from adaptalign.errors import ConfigurationError
@@ -167,6 +168,13 @@ class LossWeighting(L.Callback):
                 raise ConfigurationError(f"reference={reference}; expected > 0 (or None)")
         if not eps > 0:
             raise ConfigurationError(f"eps={eps}; expected > 0")
+        if signal == "spread" and mode == "directions":
+            # Measured on Flickr8k: the weights stayed exactly (1, 1) for a whole run.
+            rank_zero_warn(
+                "signal='spread' with mode='directions' keeps the weights at (1, 1): a batch's "
+                "image->text and text->image similarity matrices are transposes of each other, so "
+                "their spreads are equal; use mode='global'"
+            )
         self.signal = signal
         self.mode = mode
         self.momentum = float(momentum)
