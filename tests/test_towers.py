@@ -118,3 +118,28 @@ def test_weights_the_embedding_never_reaches_are_kept_fixed(tiny_text_model: str
     tower(["a red circle"]).sum().backward()
     trainable = [p for p in tower.backbone.parameters() if p.requires_grad]
     assert all(p.grad is not None for p in trainable)
+
+
+def test_towers_that_train_run_in_train_mode_during_fit(tiny_text_model: str) -> None:
+    """Dropout is on in every layer of a fine-tuned tower during training, off in a frozen one."""
+    import lightning as L
+
+    from adaptalign.datamodules.datamodule import AlignmentDataModule
+    from adaptalign.datamodules.generated import GeneratedConfig
+    from tests.builders import quiet_trainer, tiny_module
+
+    modes: list[tuple[bool, bool]] = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            towers = (pl_module.image_tower, pl_module.text_tower)
+            modes.append(tuple(all(m.training for m in t.backbone.modules()) for t in towers))
+
+    data = AlignmentDataModule(
+        generated=GeneratedConfig(num_train=32, num_val=8, num_test=8, image_size=32),
+        batch_size=16,
+        feature_cache=False,
+    )
+    module = tiny_module(tiny_text_model, image={"freeze": True})
+    quiet_trainer(max_epochs=1, callbacks=[Modes()]).fit(module, data)
+    assert modes == [(False, True), (False, True)]

@@ -13,6 +13,7 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -48,6 +49,7 @@ from adaptalign.datamodules.ontology import (
     load_image_tags,
 )
 from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.resumable import ResumableDataLoader
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 from adaptalign.errors import ConfigurationError
 
@@ -91,6 +93,10 @@ class AlignmentDataModule(L.LightningDataModule):
             evaluation batch (each with all its captions).
         predict_split: the split ``predict`` embeds.
         seed: drives the subset, shuffling and the per-epoch caption choice.
+
+    The training loader's position within the epoch is part of the data module's state (and so
+    of every checkpoint): a run resumed from a checkpoint saved mid-epoch trains on the rest of
+    that epoch's batches, not on the epoch again from its start.
     """
 
     def __init__(
@@ -144,6 +150,8 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ConfigurationError(f"data.sampler={sampler!r}; expected 'random' or 'curriculum'")
         self.sampler_name = sampler
         self.train_batch_sampler: CurriculumBatchSampler | None = None
+        self.train_loader: ResumableDataLoader | None = None
+        self._train_loader_state: dict | None = None  # restored, for the next training loader
         self.ontology = ontology
         self._noisy_features: dict[tuple[str, str], FrozenFeatures | None] = {}
         self.caption_clusters: CaptionClusters | None = None
@@ -306,7 +314,7 @@ class AlignmentDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         records, features, noise = self._split_inputs("train", self.noise)
         rank, world = self._world()
         if len(records) < self.batch_size * world:
@@ -325,17 +333,59 @@ class AlignmentDataModule(L.LightningDataModule):
         if self.sampler_name == "curriculum":
             return self._curriculum_loader(dataset, rank, world)
         sampler = PairSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(
+        return self._resumable(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
+        )
+
+    def _resumable(self, dataset: TrainPairs, **kwargs: object) -> ResumableDataLoader:
+        """The training loader, continuing the epoch a restored checkpoint stopped in.
+
+        Its own random generator seeds the workers, so starting an iteration never draws from
+        the global generator: a resumed run's dropout and other draws stay those of the run it
+        continues. An iteration's epoch is the trainer's, which tells a resumed epoch from the
+        next one even where a sampler's own epoch is not advanced (the curriculum sampler
+        without its callback).
+        """
+        trainer = self.trainer
+        loader = ResumableDataLoader(
+            dataset,
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+            epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None,
+            **kwargs,
         )
+        if self._train_loader_state is not None:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self.train_loader = loader
+        return loader
 
-    def _curriculum_loader(self, dataset: TrainPairs, rank: int, world: int) -> DataLoader:
+    def state_dict(self) -> dict:
+        """Where the training loader is within its epoch (Lightning stores it in checkpoints)."""
+        if self.train_loader is None:
+            return {}
+        return {"train_loader": self.train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Hand a checkpoint's loader position to the training loader, built now or later.
+
+        Lightning restores the data module before the trainer builds the training loader (but
+        after it, for strategies that restore late), and it skips its own restore of loader
+        states when the optimiser asked for the number of steps first, as this project's does.
+        """
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        self._train_loader_state = dict(state)
+        if self.train_loader is not None:
+            self.train_loader.load_state_dict(state)
+
+    def _curriculum_loader(self, dataset: TrainPairs, rank: int, world: int) -> ResumableDataLoader:
         """Batches from the curriculum sampler, which shards each global batch over ranks."""
         connector = getattr(self.trainer, "_accelerator_connector", None)
         if world > 1 and getattr(connector, "use_distributed_sampler", False):
@@ -354,13 +404,7 @@ class AlignmentDataModule(L.LightningDataModule):
             epoch=self.trainer.current_epoch if self.trainer is not None else 0,
         )
         self.train_batch_sampler = sampler
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_pairs,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._resumable(dataset, batch_sampler=sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
         records, features, noise = self._split_inputs(split, self.eval_noise)

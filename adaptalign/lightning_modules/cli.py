@@ -4,7 +4,8 @@ Also ``adaptalign compare`` (methods over seeds and sizes), ``adaptalign stress`
 under noise) and ``adaptalign tsne`` (a t-SNE view of a ``predict`` embedding file).
 
 Every run saves its resolved config beside its TensorBoard logs, logs learning rates, keeps the best
-checkpoint by validation rsum plus the last one, and ``predict`` writes embeddings to a file.
+checkpoint by validation rsum plus the last one (each written whole or not at all, so a killed run
+never leaves a truncated checkpoint), and ``predict`` writes embeddings to a file.
 Settings that cannot work end the command with one clear message rather than a deep traceback.
 """
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 import sys
 import warnings
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from adaptalign import compare, stress_test
 from adaptalign.callbacks import tsne_view
@@ -22,11 +25,17 @@ from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.records import DatasetFormatError
 from adaptalign.errors import ConfigurationError, NonFiniteLossError
+from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
 from adaptalign.lightning_modules.system import AlignmentModule
+
+ATOMIC_CHECKPOINT_IO = "adaptalign.lightning_modules.checkpoint_io.AtomicCheckpointIO"
 
 
 def trainer_defaults() -> dict:
-    """Fresh callback instances per run, so repeated runs in one process never share state."""
+    """Fresh callback instances per run, so repeated runs in one process never share state.
+
+    The checkpoint plugin is given by class path, so the saved ``config.yaml`` names it.
+    """
     return {
         "default_root_dir": "runs",
         "callbacks": [
@@ -36,11 +45,40 @@ def trainer_defaults() -> dict:
             ),
             EmbeddingWriter(),
         ],
+        "plugins": [{"class_path": ATOMIC_CHECKPOINT_IO}],
     }
 
 
+def with_atomic_checkpoints(plugins: object) -> object:
+    """The trainer's plugins, plus atomic checkpoint writing unless they bring a CheckpointIO.
+
+    Users who pass their own plugins (a precision or cluster plugin, say) replace the default
+    list; they keep atomic checkpoints, and one who chooses another CheckpointIO keeps that.
+    """
+    if plugins is None:
+        given: list = []
+    elif isinstance(plugins, list | tuple):
+        given = list(plugins)
+    else:
+        given = [plugins]
+    if any(isinstance(p, CheckpointIO) for p in given):
+        return plugins
+    return [*given, AtomicCheckpointIO()]
+
+
+class AlignmentCLI(LightningCLI):
+    """The Lightning CLI, with atomic checkpoint writing whatever plugins the user gives."""
+
+    def instantiate_trainer(self, **kwargs: object) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        strategy = trainer_config.get("strategy")
+        if getattr(strategy, "_checkpoint_io", None) is None:  # a strategy object may bring one
+            kwargs["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
+        return super().instantiate_trainer(**kwargs)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(
+    return AlignmentCLI(
         AlignmentModule,
         AlignmentDataModule,
         args=args,

@@ -10,14 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from adaptalign.errors import ConfigurationError, NonFiniteLossError
+from adaptalign.lightning_modules import rng
 from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
 from adaptalign.lightning_modules.gather import gather_with_grad
 from adaptalign.lightning_modules.losses import info_nce, max_margin, step_statistics
@@ -108,6 +111,7 @@ class AlignmentModule(L.LightningModule):
         self.controls = Controls()
         self.val_retrieval = RetrievalMetric(chunk_size=eval_chunk_size)
         self.test_retrieval = RetrievalMetric(chunk_size=eval_chunk_size)
+        self._rng_to_restore: dict[str, Any] | None = None
 
     @staticmethod
     def _validate(
@@ -274,6 +278,35 @@ class AlignmentModule(L.LightningModule):
             "text_image_id": batch["text_image_id"].cpu(),
             "texts": list(batch["texts"]),
         }
+
+    # ------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep every process's random generator states, so a resumed run draws the same."""
+        checkpoint["rng_states"] = rng.gather(self.trainer.world_size)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take this process's generator states for when training resumes.
+
+        They are set in ``on_train_start``, after everything that draws while a run is set up
+        (building the towers, the sanity check, callbacks' setup), so the first resumed step
+        draws exactly what the interrupted run's next step would have.
+        """
+        saved = checkpoint.get("rng_states")
+        trainer = self._trainer
+        if not saved or trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._rng_to_restore = rng.for_rank(saved, trainer.global_rank, trainer.world_size)
+        if self._rng_to_restore is None:
+            rank_zero_warn(
+                f"the checkpoint holds random generator states of {len(saved)} processes, this "
+                f"run has {trainer.world_size}; dropout and other draws will differ from the "
+                "run it continues"
+            )
+
+    def on_train_start(self) -> None:
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if states is not None:
+            rng.restore(states)
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict:

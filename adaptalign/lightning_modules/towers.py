@@ -146,6 +146,8 @@ class ImageTower(_Tower):
         self.frozen = config.freeze
         if self.frozen:
             _freeze(self.backbone)
+        else:
+            self.backbone.train()
         self.feature_dim = int(self.backbone.num_features)
         self.projection = nn.Linear(self.feature_dim, embed_dim)
         overrides: dict = {}
@@ -223,6 +225,9 @@ class TextTower(_Tower):
             _freeze(self.backbone)
         else:
             self._freeze_unused()
+            # Loaded models come in eval mode and Lightning keeps each module's mode as built:
+            # a tower that trains must train with its dropout on.
+            self.backbone.train()
         dimension = (
             getattr(self.backbone, "get_embedding_dimension", None)
             or self.backbone.get_sentence_embedding_dimension

@@ -1,0 +1,133 @@
+"""A training DataLoader that continues an interrupted epoch at the batch where it stopped.
+
+Lightning restores weights, optimiser, callbacks and loop counters from a checkpoint saved in the
+middle of an epoch, but a plain DataLoader starts that epoch's data again from its first batch
+while the step counter carries on, so a resumed run trains on other batches than the run it
+continues. :class:`ResumableDataLoader` counts the batches it has yielded in the current epoch and
+reports ``{"epoch", "batches"}`` as its state; restored from that state, its next iteration of the
+*same* epoch leaves out exactly the batches already trained on. It leaves them out at the level of
+the (batch) sampler's indices, so a skipped sample is never loaded or decoded; the sampler still
+plans the whole epoch, which keeps seeded orders (and curriculum plans) identical.
+
+An iteration only starts the underlying DataLoader iterator, and so reads the epoch and draws from
+the sampler, when its first batch is asked for. Lightning creates the training iterator before a
+(resumed) epoch's sampler epoch is set, and a loader with workers would otherwise draw its first
+batches with the previous settings at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset
+
+from adaptalign.errors import ConfigurationError
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _SkipFirst:
+    """The loader's index sampler without the first batches of a resumed epoch.
+
+    DataLoader iterators keep the object they got at creation (workers that persist across
+    epochs keep it for good), so the number to skip is read from the loader at every ``iter``.
+    """
+
+    def __init__(self, sampler: Iterable[Any], loader: ResumableDataLoader) -> None:
+        self.sampler = sampler
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        return islice(iter(self.sampler), self.loader.skipping, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A map-style DataLoader whose position within an epoch is part of the checkpoint.
+
+    Args:
+        epoch_source: the epoch an iteration belongs to, read when it draws its first batch (the
+            data module passes the trainer's ``current_epoch``); by default the ``epoch`` of the
+            batch sampler, of its sampler or of the sampler, which ``set_epoch`` keeps current.
+
+    Every other argument is a DataLoader's.
+    """
+
+    def __init__(
+        self, *args: Any, epoch_source: Callable[[], int] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.dataset, IterableDataset):
+            raise TypeError(
+                "ResumableDataLoader skips sampler indices; it needs a map-style dataset"
+            )
+        self.epoch_source = epoch_source
+        self.skipping = 0  # batches the iteration being started leaves out
+        self._epoch: int | None = None  # epoch of the latest iteration
+        self._batches = 0  # batches of that epoch trained on (skipped ones included)
+        self._restored: tuple[int, int] | None = None  # a loaded state not yet applied
+
+    @property
+    def _index_sampler(self) -> _SkipFirst:  # type: ignore[override]
+        # What DataLoader iterators draw indices from (the batch sampler, when batching); the
+        # public sampler and batch_sampler stay as given, for Lightning's set_epoch and others.
+        return _SkipFirst(super()._index_sampler, self)
+
+    def current_epoch(self) -> int:
+        """The epoch the next iteration belongs to."""
+        if self.epoch_source is not None:
+            return int(self.epoch_source())
+        batch_sampler = self.batch_sampler
+        for owner in (batch_sampler, getattr(batch_sampler, "sampler", None), self.sampler):
+            epoch = getattr(owner, "epoch", None)
+            if _is_count(epoch):
+                return int(epoch)  # type: ignore[arg-type]
+        raise TypeError(
+            "ResumableDataLoader needs an epoch_source or a sampler with an integer 'epoch'"
+        )
+
+    # ------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, int | None]:
+        """The epoch of the latest iteration and how many of its batches were yielded."""
+        if self._restored is not None:  # saved again before the restored epoch went on
+            epoch, batches = self._restored
+            return {"epoch": epoch, "batches": batches}
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Skip ``batches`` batches in the next iteration, if it belongs to ``epoch``."""
+        epoch, batches = state_dict.get("epoch"), state_dict.get("batches")
+        if not (epoch is None or _is_count(epoch)) or not _is_count(batches):
+            raise ConfigurationError(
+                f"the checkpoint's training loader state {state_dict!r}; expected 'epoch' (an "
+                "integer >= 0 or null) and 'batches' (an integer >= 0)"
+            )
+        self._restored = None if epoch is None else (int(epoch), int(batches))
+
+    # -------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        # a generator: nothing below runs before the first batch is asked for
+        iterator = self._start()
+        for batch in iterator:
+            self._batches += 1
+            yield batch
+
+    def _start(self) -> Iterator[Any]:
+        epoch = self.current_epoch()
+        skip = 0
+        if self._restored is not None:
+            restored_epoch, batches = self._restored
+            self._restored = None  # a state applies to one iteration only
+            if restored_epoch == epoch:
+                skip = min(batches, len(self))
+        self._epoch, self._batches, self.skipping = epoch, skip, skip
+        return super().__iter__()
