@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from adaptalign.lightning_modules.system import AlignmentModule
 
@@ -35,3 +38,11 @@ def quiet_trainer(**settings: object) -> L.Trainer:
         "enable_model_summary": False,
     }
     return L.Trainer(**{**defaults, **settings})
+
+
+def final_validation(version: Path) -> dict[str, tuple[int, float]]:
+    """The last logged value of every ``val/`` scalar in a TensorBoard folder, with its step."""
+    events = EventAccumulator(str(version))
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("val/")]
+    return {t: (events.Scalars(t)[-1].step, events.Scalars(t)[-1].value) for t in tags}

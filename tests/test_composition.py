@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -13,10 +17,12 @@ from adaptalign.callbacks.curriculum import ObjectCurriculum
 from adaptalign.callbacks.loss_weighting import LossWeighting
 from adaptalign.callbacks.temperature_schedule import TemperatureSchedule
 from adaptalign.errors import ConfigurationError
-from adaptalign.lightning_modules.cli import build_cli
+from adaptalign.lightning_modules.cli import build_cli, main
 from adaptalign.lightning_modules.controls import Controls
+from tests.builders import final_validation
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+ROOT = Path(__file__).parents[1]
+CONFIGS = ROOT / "configs"
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
 
@@ -77,3 +83,86 @@ def test_two_writers_of_one_control_are_refused() -> None:
     controls.add_extra_loss("x", 1.0, lambda view: torch.zeros(()))
     with pytest.raises(ConfigurationError, match="two callbacks add the extra loss 'x'"):
         controls.add_extra_loss("x", 1.0, lambda view: torch.zeros(()))
+
+
+def test_combined_config_under_two_process_ddp(tiny_text_model: str, tmp_path: Path) -> None:
+    """All four methods on 2 CPU processes: what each rank did, step by step, and the results.
+
+    ``tests.ddp_probe.StepProbe`` records on each rank the controls, this rank's loss and the loss
+    of one process on the global batch; the run's final validation is then repeated on one process
+    from its checkpoint.
+    """
+    settings = [
+        "--config",
+        TINY,
+        "--config",
+        str(CONFIGS / "methods" / "combined.yaml"),
+        f"--model.text_tower.model_name={tiny_text_model}",
+        f"--data.clusters.text_model={tiny_text_model}",
+        "--data.clusters.num_clusters=4",
+        "--data.generated.num_train=96",  # 3 global batches of 2 x 16 an epoch
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.max_epochs=2",
+    ]
+    ddp_root, single_root = tmp_path / "ddp", tmp_path / "single"
+    probe = [
+        "--trainer.callbacks+=tests.ddp_probe.StepProbe",
+        f"--trainer.callbacks.out={ddp_root}",
+    ]
+    ddp = [
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        f"--trainer.default_root_dir={ddp_root}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptalign", "fit", *settings, *ddp, *probe],
+        cwd=ROOT,  # ``tests.ddp_probe`` imports from the repository root
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ranks = [
+        [json.loads(line) for line in (ddp_root / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
+    assert [s["step"] for s in ranks[0]] == [s["step"] for s in ranks[1]] == list(range(6))
+    for first, second in zip(*ranks, strict=True):
+        step = first["step"]
+        # Identical controls on both ranks, every step; the per-sample temperatures are the
+        # schedule's values for each rank's own samples.
+        assert first["shared"] == second["shared"], step
+        assert first["shared"]["extra_loss_weights"] == {"arl_bias": 4.0}
+        assert max(first["temperature_error"], second["temperature_error"]) < 1e-6, step
+        # DDP averages the ranks' gradients, so the loss it optimises is the ranks' mean; that is
+        # the loss one process computes on the global batch.
+        gathered = (first["loss"] + second["loss"]) / 2
+        assert first["one_process_loss"] == pytest.approx(second["one_process_loss"], rel=1e-6)
+        assert gathered == pytest.approx(first["one_process_loss"], rel=1e-5), step
+    # Each process updated BatchNorm statistics from its own slice; evaluation uses process 0's.
+    evaluated = [(ddp_root / f"rank{r}_eval.jsonl").read_text().splitlines() for r in range(2)]
+    assert len(evaluated[0]) == 2 and evaluated[0] == evaluated[1]
+    assert json.loads(evaluated[0][0])["bn"]  # the tiny image tower has BatchNorm layers
+    # The methods really acted: ARL left its warm-up, the variance signal moved the weights.
+    weights = [tuple(s["shared"]["direction_weights"]) for s in ranks[0]]
+    assert weights[0] == (1.0, 1.0) and len(set(weights)) > 1
+    scales = [tuple(s["shared"]["tower_grad_scale"]) for s in ranks[0]]
+    assert scales[0] == (1.5, 1.5) and scales[-1][0] != scales[-1][1]
+
+    # The checkpoint loads on one process, whose validation gives the run's final metrics.
+    (ckpt,) = ddp_root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    main(
+        [
+            "validate",
+            *settings,
+            f"--trainer.default_root_dir={single_root}",
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    distributed = final_validation(ddp_root / "lightning_logs" / "version_0")
+    single = final_validation(single_root / "lightning_logs" / "version_0")
+    assert "val/rsum" in distributed and distributed.keys() == single.keys()
+    for tag, (_, value) in distributed.items():
+        assert single[tag][1] == pytest.approx(value, abs=1e-4), tag

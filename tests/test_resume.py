@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import Dataset
 
 from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler
@@ -26,7 +25,7 @@ from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules import rng
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
 from adaptalign.lightning_modules.cli import build_cli, main, with_atomic_checkpoints
-from tests.builders import tiny_module
+from tests.builders import final_validation, tiny_module
 from tests.distributed import run_distributed
 from tests.rng_ranks import gather_work
 
@@ -281,13 +280,6 @@ def command_line(args: list[str]) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
-
-
-def final_validation(version: Path) -> dict[str, tuple[int, float]]:
-    events = EventAccumulator(str(version))
-    events.Reload()
-    tags = [t for t in events.Tags()["scalars"] if t.startswith("val/")]
-    return {t: (events.Scalars(t)[-1].step, events.Scalars(t)[-1].value) for t in tags}
 
 
 def assert_same(a: object, b: object, where: str) -> None:

@@ -181,7 +181,9 @@ class ObjectCurriculum(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Later epochs' iterators are created after this hook, so setting the sampler suffices.
         _, _, share = self._configure(trainer)
-        pl_module.log("curriculum/same_object_share", share, on_step=False, on_epoch=True)
+        pl_module.log(
+            "curriculum/same_object_share", share, on_step=False, on_epoch=True, sync_dist=True
+        )
 
     def _configure(self, trainer: L.Trainer) -> tuple[CurriculumBatchSampler, int, float]:
         sampler = find_sampler(trainer)
@@ -209,6 +211,7 @@ class ObjectCurriculum(L.Callback):
             on_step=True,
             on_epoch=True,
             batch_size=len(objects),
+            sync_dist=True,  # each process sees its slice of the global batch
         )
 
     # --------------------------------------------------------------------- state

@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from adaptalign.datamodules.clusters import (
     ClusterConfig,
@@ -244,9 +244,11 @@ class AlignmentDataModule(L.LightningDataModule):
         in_use = Clustering.from_labels(used)
         report = ", ".join(f"{k} {v:.3g}" for k, v in cluster_size_report(in_use).items())
         rank_zero_info(f"caption clusters over {len(used)} training captions: {report}")
-        logged = self.trainer is not None and self.trainer.logger is not None
-        log_dir = self.trainer.log_dir if logged else None
-        if log_dir is not None and self.trainer.is_global_zero:
+        # Only process 0 plots. ``trainer.log_dir`` is a collective under DDP, and this also runs
+        # from ``prepare_data``, which the other processes wait out at a barrier: ask the logger.
+        logger = self.trainer.logger if self.trainer is not None else None
+        log_dir = logger.log_dir if logger is not None and self.trainer.is_global_zero else None
+        if log_dir is not None:
             path = plot_cluster_sizes(in_use, Path(log_dir) / "cluster_sizes.png")
             rank_zero_info(f"cluster-size plot: {path}")
         eval_labels = _per_image(evaluated, clustering.assigned)
@@ -406,7 +408,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.train_batch_sampler = sampler
         return self._resumable(dataset, batch_sampler=sampler)
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def _eval_loader(self, split: str, shard: bool = True) -> DataLoader:
         records, features, noise = self._split_inputs(split, self.eval_noise)
         dataset = EvalImages(
             records,
@@ -418,10 +420,24 @@ class AlignmentDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
+            sampler=self._eval_shard(dataset) if shard else None,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_eval,
         )
+
+    def _eval_shard(self, dataset: EvalImages) -> DistributedSampler | None:
+        """This process's share of an evaluation split when the trainer does not shard it.
+
+        The curriculum sampler needs ``use_distributed_sampler: false``, which also stops Lightning
+        from splitting validation; without this every process would score the whole split. The
+        padding duplicates the sampler adds are dropped by the retrieval metric.
+        """
+        rank, world = self._world()
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if world == 1 or getattr(connector, "use_distributed_sampler", True):
+            return None
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -430,7 +446,8 @@ class AlignmentDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_split)
+        # Not sharded: the embedding writer stores the whole split from one process.
+        return self._eval_loader(self.predict_split, shard=False)
 
 
 def _per_image(records: list[Record], labels: np.ndarray | None) -> dict[int, np.ndarray]:

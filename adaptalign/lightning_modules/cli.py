@@ -1,7 +1,8 @@
 """``adaptalign fit|validate|test|predict --config ...``: the Lightning CLI over system and data.
 
 Also ``adaptalign compare`` (methods over seeds and sizes), ``adaptalign stress`` (a checkpoint
-under noise) and ``adaptalign tsne`` (a t-SNE view of a ``predict`` embedding file).
+under noise), ``adaptalign tsne`` (a t-SNE view of a ``predict`` embedding file) and
+``adaptalign report`` (the README's results, rebuilt from the comparisons).
 
 Every run saves its resolved config beside its TensorBoard logs, logs learning rates, keeps the best
 checkpoint by validation rsum plus the last one (each written whole or not at all, so a killed run
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from adaptalign import compare, stress_test
+from adaptalign import compare, report, stress_test
 from adaptalign.callbacks import tsne_view
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.datamodules.datamodule import AlignmentDataModule
@@ -40,9 +41,10 @@ def trainer_defaults() -> dict:
         "default_root_dir": "runs",
         "callbacks": [
             LearningRateMonitor(logging_interval="step"),
-            ModelCheckpoint(
-                monitor="val/rsum", mode="max", save_last=True, filename="best-{epoch}-{step}"
-            ),
+            ModelCheckpoint(monitor="val/rsum", mode="max", filename="best-{epoch}-{step}"),
+            # Its own callback: Lightning >= 2.6 writes ``save_last`` only when a best checkpoint is
+            # saved at the same step, which would leave last.ckpt at the best epoch, not the last.
+            ModelCheckpoint(filename="last", enable_version_counter=False),
             EmbeddingWriter(),
         ],
         "plugins": [{"class_path": ATOMIC_CHECKPOINT_IO}],
@@ -99,6 +101,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(stress_test.main(argv[1:]))
     if argv[:1] == ["tsne"]:
         raise SystemExit(tsne_view.main(argv[1:]))
+    if argv[:1] == ["report"]:
+        raise SystemExit(report.main(argv[1:]))
     # Frozen towers are in eval mode on purpose; say so once in the docs, not at every run.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

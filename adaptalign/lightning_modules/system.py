@@ -14,10 +14,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from adaptalign.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules import rng
@@ -247,6 +249,23 @@ class AlignmentModule(L.LightningModule):
             batch.get("image_bucket"),
             batch.get("text_bucket"),
         )
+
+    def on_validation_epoch_start(self) -> None:
+        self._share_normalisation_statistics()
+
+    def _share_normalisation_statistics(self) -> None:
+        """Process 0's running statistics everywhere before evaluating a model trained with DDP.
+
+        Each process updates its BatchNorm statistics from its own slice of the batch; DDP copies
+        process 0's at the start of the next training forward, so after an epoch's last step they
+        still differ. Evaluation (and the checkpoint, written by process 0) then use one model.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for module in self.modules():
+            if isinstance(module, _NormBase) and module.track_running_stats:
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_retrieval)

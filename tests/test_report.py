@@ -1,0 +1,162 @@
+"""``adaptalign report``: README results rebuilt from finished runs, and nothing else touched."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaptalign import report
+from adaptalign.lightning_modules.cli import main
+
+METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
+README = """# project
+
+Text before.
+
+## Results
+
+{begin}
+old tables
+{end}
+
+## After
+
+Text after.
+"""
+
+
+def write_summary(folder: Path, recall: float, size: int) -> float:
+    """A finished run whose best validation has every R@K equal to ``recall``; returns its rsum."""
+    folder.mkdir(parents=True)
+    best = {m: recall for m in METRICS} | {"epoch": 2, "rsum": 6 * recall}
+    best |= {"tail/i2t_R@1": recall + 1, "tail/t2i_R@1": recall, "tail/rsum": 6 * recall + 1}
+    summary = {"best": best, "last": best, "history": [best], "train_size": size}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return 6 * recall
+
+
+def write_stress(folder: Path, rsums: dict[float, float]) -> None:
+    (folder / "stress_both").mkdir()
+    entries = [
+        {"rate": rate, "rsum": value} | {m: value / 6 for m in METRICS}
+        for rate, value in rsums.items()
+    ]
+    (folder / "stress_both" / "stress.json").write_text(json.dumps(entries))
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Two comparisons (one with two seeds finished and noise results, one never run)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("{}\n")
+    done = {
+        "configs": [{"name": "fixed", "config": "a.yaml"}, {"name": "mine", "config": "a.yaml"}],
+        "seeds": [0, 1, 2],
+        "train_images": [100],
+        "output": "out/done",
+        "stress_rates": [0, 0.5],
+    }
+    never = {"configs": ["a.yaml"], "seeds": [0], "output": "out/never"}
+    (tmp_path / "done.yaml").write_text(yaml.safe_dump(done))
+    (tmp_path / "never.yaml").write_text(yaml.safe_dump(never))
+    for name, recalls in (("fixed", (10.0, 20.0)), ("mine", (30.0, 32.0))):
+        for seed, recall in enumerate(recalls):
+            folder = tmp_path / "out/done/runs" / name / "n100" / f"seed{seed}"
+            rsum = write_summary(folder, recall, 100)
+            write_stress(folder, {0.0: rsum, 0.5: rsum / 2})
+    sections = [
+        {
+            "name": "done",
+            "title": "Done here",
+            "comparison": "done.yaml",
+            "intro": "The setting.",
+            "findings": "What we saw.",
+        },
+        {"name": "never", "title": "Never run", "comparison": "never.yaml"},
+    ]
+    (tmp_path / "report.yaml").write_text(
+        yaml.safe_dump({"readme": "README.md", "figures": "docs/results", "sections": sections})
+    )
+    (tmp_path / "README.md").write_text(README.format(begin=report.BEGIN, end=report.END))
+    return tmp_path
+
+
+def run_report(*args: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--config", "report.yaml", *args])
+    return exit_info.value.code
+
+
+def test_report_rewrites_only_the_results_section(project: Path) -> None:
+    assert run_report() == 0
+    text = (project / "README.md").read_text()
+    before, rest = text.split(report.BEGIN)
+    generated, after = rest.split(report.END)
+    assert before == README.split("{begin}")[0]
+    assert after == README.split("{end}")[1]
+    assert "old tables" not in generated
+
+    # Means and sample standard deviations over the finished seeds, computed by hand.
+    fixed_rsum = statistics.mean([60.0, 120.0]), statistics.stdev([60.0, 120.0])
+    assert "| fixed | 100 | 2 | 15.0 ± 7.1 |" in generated
+    assert f"{fixed_rsum[0]:.1f} ± {fixed_rsum[1]:.1f}" in generated  # 90.0 ± 42.4
+    assert "| mine | 100 | 2 | 31.0 ± 1.4 |" in generated
+    # Two of three seeds per config: the section says the comparison is partial.
+    assert "**Partial:** 4 of 6 runs have finished." in generated
+    assert "Head, middle and tail queries" in generated and "| 16.0 ± 7.1 |" in generated
+    # Noise: rsum per rate, halved at 0.5.
+    assert "| rsum at 0 | rsum at 0.5 |" in generated
+    assert "| fixed | 100 | 2 | 90.0 ± 42.4 | 45.0 ± 21.2 |" in generated
+    # People's words around the numbers, in order, and both plots written and linked.
+    order = [
+        generated.index(s) for s in ("### Done here", "The setting.", "| fixed", "What we saw.")
+    ]
+    assert order == sorted(order)
+    for png in ("done.png", "done_stress.png"):
+        assert (project / "docs/results" / png).stat().st_size > 1000
+        assert f"(docs/results/{png})" in generated
+    # A comparison with no finished run keeps its section and says how to produce it.
+    never = generated[generated.index("### Never run") :]
+    assert "adaptalign compare --config never.yaml" in never
+    assert "Not run yet: 0 of 1 runs have finished." in never and "| config |" not in never
+
+    # Rebuilding from the same runs changes nothing.
+    assert run_report() == 0
+    assert (project / "README.md").read_text() == text
+
+
+def test_print_leaves_the_readme_alone(project: Path, capsys) -> None:
+    assert run_report("--print") == 0
+    assert "### Done here" in capsys.readouterr().out
+    assert "old tables" in (project / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: (p / "README.md").write_text("# no markers\n"), "expected the markers"),
+        (
+            lambda p: (p / "report.yaml").write_text(
+                "sections:\n  - {name: x, title: X, comparison: missing.yaml}\n"
+            ),
+            r"sections\[0\]: comparison 'missing.yaml' does not exist",
+        ),
+        (
+            lambda p: (p / "report.yaml").write_text(
+                "sections:\n  - {name: x, comparison: done.yaml, colour: red}\n"
+            ),
+            r"sections\[0\]: unknown keys \['colour'\], missing keys \['title'\]",
+        ),
+    ],
+    ids=["no-markers", "missing-comparison", "bad-keys"],
+)
+def test_bad_input_names_the_file_and_field(project: Path, change, message: str, capsys) -> None:
+    change(project)
+    assert run_report() == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("adaptalign report: error:")
+    assert __import__("re").search(message, err), err
