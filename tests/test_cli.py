@@ -45,6 +45,18 @@ def test_fast_dev_run_fit(tiny_text_model: str, tmp_path: Path, cache_dir: Path)
     assert list(cache_dir.glob("generated/*/dataset_generated.json"))
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(
+    tiny_text_model: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    """With nothing learned (lr 0) the last epoch is not the best one, so no best is written then."""
+    run(tiny_text_model, tmp_path, "fit", "--trainer.max_epochs=3", "--model.lr=0")
+    (folder,) = tmp_path.glob("lightning_logs/*/checkpoints")
+    (best,) = folder.glob("best-*.ckpt")
+    assert not best.name.startswith("best-epoch=2-")
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 9  # 48 images / 16 per batch x 3 epochs
+
+
 def test_fit_saves_config_logs_and_checkpoints(trained_run: Path) -> None:
     (version,) = (trained_run / "lightning_logs").iterdir()
     config = yaml.safe_load((version / "config.yaml").read_text())
