@@ -1,9 +1,11 @@
 """Training-step time of the system with and without the adaptive callbacks.
 
-    python benchmarks/bench_callbacks.py [--steps 8] [--repeats 3] [--batch-size 16]
+    python benchmarks/bench_callbacks.py [--steps 24] [--repeats 5] [--batch-size 16]
 
 The system and batches of ``bench_train_step.py`` (quick start towers, AlignmentModule, Lightning's
-loop with TensorBoard logging), fitted without an adaptive callback and with each callback below.
+loop with TensorBoard logging), fitted without an adaptive callback, with each per-step callback
+alone (variance loss weights, MM-TS temperatures, ARL) and with the three together. The TOnICS
+curriculum acts once per epoch, on the sampler, and costs nothing per step.
 Fits alternate within every repeat, and the order flips from one repeat to the next, so machine
 noise and drift hit every variant alike; the median seconds per step and each variant's ratio to
 the plain system are printed (goal <= 1.03x), with the ratio of the fastest repeats beside it (the
@@ -21,12 +23,17 @@ import time
 from collections.abc import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from bench_train_step import StepTimer, loader, make_batches, make_module
 
+from adaptalign.callbacks.arl import ARL
 from adaptalign.callbacks.loss_weighting import LossWeighting
+from adaptalign.callbacks.temperature_schedule import TemperatureSchedule
+from adaptalign.datamodules.clusters import tercile_bounds
 
 GOAL = 1.03
+CLUSTERS = 8
 
 
 class HookClock:
@@ -51,10 +58,46 @@ class TimedLossWeighting(HookClock, LossWeighting):
     pass
 
 
+class TimedTemperatureSchedule(HookClock, TemperatureSchedule):
+    pass
+
+
+class TimedARL(HookClock, ARL):
+    pass
+
+
+def mmts() -> TimedTemperatureSchedule:
+    schedule = TimedTemperatureSchedule()
+    # What on_fit_start reads from the data module's clustering; here the batches carry the sizes.
+    schedule.size_range = (10, 10 * CLUSTERS)
+    schedule.bucket_bounds = tercile_bounds(np.arange(10, 10 * CLUSTERS + 1, 10))
+    return schedule
+
+
+def every_callback() -> list[L.Callback]:
+    return [
+        mmts(),
+        TimedLossWeighting(signal="variance"),
+        TimedARL(num_clusters=CLUSTERS, warmup_epochs=0),
+    ]
+
+
 VARIANTS: dict[str, Callable[[], list[L.Callback]]] = {
     "none": list,
     "loss_weighting(variance)": lambda: [TimedLossWeighting(signal="variance")],
+    "mmts_temperature": lambda: [mmts()],
+    "arl": lambda: [TimedARL(num_clusters=CLUSTERS, warmup_epochs=0)],
+    "all_three": every_callback,
 }
+
+
+def with_clusters(batches: list[dict]) -> list[dict]:
+    """The caption-cluster ids and sizes MM-TS and ARL read, as the data module would add them."""
+    for batch in batches:
+        rows = len(batch["texts"])
+        batch["cluster"] = torch.arange(rows) % CLUSTERS
+        batch["cluster_size"] = 10 * (1 + batch["cluster"])
+    return batches
 
 
 def time_fit(batches: list[dict], skip: int, callbacks: list[L.Callback]) -> float:
@@ -79,14 +122,14 @@ def time_fit(batches: list[dict], skip: int, callbacks: list[L.Callback]) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     skip = 2  # first steps pay for allocation
-    batches = make_batches(args.steps + skip, args.batch_size)
+    batches = with_clusters(make_batches(args.steps + skip, args.batch_size))
     names = list(VARIANTS)
     times: dict[str, list[float]] = {name: [] for name in names}
     hooks: dict[str, list[float]] = {name: [] for name in names}
