@@ -380,7 +380,7 @@ def test_fit_applies_the_weights_and_the_bias_term(tiny_text_model: str, tmp_pat
     )
     arl = ARL(warmup_epochs=1)
     probe = Probe(arl)
-    trainer = quiet_trainer(max_epochs=2, callbacks=[arl, probe])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[arl, probe], log_every_n_steps=1)
     trainer.fit(tiny_module(tiny_text_model), data)
     assert arl.num_clusters == len(data.caption_clusters.sizes) == 4
     assert len(probe.rows) == 12  # 48 / 8 batches x 2 epochs

@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from adaptalign.callbacks.log_steps import writes_logs
 from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import StepEmbeddings
 from adaptalign.lightning_modules.gather import distributed_world
@@ -308,8 +309,9 @@ class ARL(L.Callback):
         controls.tower_grad_scale = (old[0] * (1.0 + w_image), old[1] * (1.0 + w_text))
         controls.add_extra_loss("arl_bias", self.gamma, self.bias_loss)
         self._pending = None
-        pl_module.log("arl/w_image", w_image, on_step=True)
-        pl_module.log("arl/w_text", w_text, on_step=True)
+        if writes_logs(trainer):
+            pl_module.log("arl/w_image", w_image, on_step=True)
+            pl_module.log("arl/w_text", w_text, on_step=True)
 
     def on_train_batch_end(
         self,
@@ -329,7 +331,9 @@ class ARL(L.Callback):
             local = torch.zeros(5, device=device)
         else:
             text, labels, terms = pending
-            pl_module.log("arl/bias_loss", terms.cross_entropy.detach().sum(), on_step=True)
+            if writes_logs(trainer):
+                bias = terms.cross_entropy.detach().sum()
+                pl_module.log("arl/bias_loss", bias, on_step=True)
             local = torch.cat(
                 [
                     terms.entropy_sum.float(),
@@ -341,7 +345,7 @@ class ARL(L.Callback):
         all_text = _gather_rows(text.float().to(device))
         all_labels = _gather_rows(labels.to(device))
         self.observe(reduced[:2], reduced[2:4], int(reduced[4]), all_text, all_labels)
-        if self.entropy is not None and self.dependence is not None:
+        if self.entropy is not None and self.dependence is not None and writes_logs(trainer):
             pl_module.log("arl/entropy_image", float(self.entropy[0]), on_step=True)
             pl_module.log("arl/entropy_text", float(self.entropy[1]), on_step=True)
             pl_module.log("arl/dependence_image", float(self.dependence[0]), on_step=True)

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from adaptalign.callbacks.log_steps import writes_logs
 from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import Scalar, StepStatistics
 
@@ -230,7 +231,7 @@ class LossWeighting(L.Callback):
     ) -> None:
         controls = pl_module.controls
         dtype = torch.float32  # the loss's dtype; float64 weights would promote it
-        log = _should_log(trainer)
+        log = writes_logs(trainer)
         if self.mode == "global" and self.signal != "fixed":
             scale = _as(self.loss_scale(), pl_module.device, dtype)
             controls.loss_scale = controls.loss_scale * scale
@@ -262,7 +263,7 @@ class LossWeighting(L.Callback):
             )
         self.observe(reduce_signals(stats))
         ema = self.ema
-        if ema is None or not _should_log(trainer):
+        if ema is None or not writes_logs(trainer):
             return
         for m, measure in enumerate(MEASURES):
             for d, name in enumerate(DIRECTIONS):
@@ -287,16 +288,6 @@ class LossWeighting(L.Callback):
         self.ema = state_dict["ema"]
         self.observed_reference = state_dict["observed_reference"]
         self.steps = int(state_dict["steps"])
-
-
-def _should_log(trainer: L.Trainer | None) -> bool:
-    """Whether Lightning writes this step's logs (``log_every_n_steps``); True outside a fit.
-
-    Each ``log`` call costs about as much as all of this callback's arithmetic, and on-step values
-    of other steps are never written, so the callback logs only on the steps that are.
-    """
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
 
 
 def _as(value: Scalar, device: torch.device, dtype: torch.dtype) -> Scalar:

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from adaptalign.callbacks.log_steps import writes_logs
 from adaptalign.datamodules.clusters import tercile_bounds
 from adaptalign.errors import ConfigurationError
 
@@ -135,8 +136,9 @@ class TemperatureSchedule(L.Callback):
                 f"two callbacks set the {self.target} of the same step; keep one schedule"
             )
         setattr(pl_module.controls, self.target, values)
-        pl_module.log(f"schedule/base_{self.target}", self.base(step), on_step=True)
-        self._per_bucket(pl_module, sizes, values)
+        if writes_logs(trainer):
+            pl_module.log(f"schedule/base_{self.target}", self.base(step), on_step=True)
+            self._per_bucket(pl_module, sizes, values)
         self._histogram(trainer, values, step)
 
     def _per_bucket(self, pl_module: L.LightningModule, sizes: Tensor, values: Tensor) -> None:
