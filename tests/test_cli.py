@@ -48,7 +48,7 @@ def test_fast_dev_run_fit(tiny_text_model: str, tmp_path: Path, cache_dir: Path)
 def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(
     tiny_text_model: str, tmp_path: Path, cache_dir: Path
 ) -> None:
-    """With nothing learned (lr 0) the last epoch is not the best one, so no best is written then."""
+    """With nothing learned (lr 0) the last epoch is not the best, so no best is written then."""
     run(tiny_text_model, tmp_path, "fit", "--trainer.max_epochs=3", "--model.lr=0")
     (folder,) = tmp_path.glob("lightning_logs/*/checkpoints")
     (best,) = folder.glob("best-*.ckpt")
