@@ -38,7 +38,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from adaptalign.datamodules.records import DatasetFormatError, Record, load_json_object
+from adaptalign.datamodules.records import (
+    DatasetFormatError,
+    Record,
+    load_json_object,
+    parse_json_object,
+)
 from adaptalign.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -232,17 +237,7 @@ def parse_vocabulary(text: str, source: str) -> dict[str, tuple[tuple[str, ...],
         return seen
 
     example = '{"dog": ["dog", "puppy"], "hot dog": ["hot dog", "hotdog"]}'
-    try:
-        top = json.loads(text, object_pairs_hook=pairs_hook)
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(
-            f"{source}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-            f"expected a vocabulary like {example}"
-        ) from exc
-    if not isinstance(top, dict):
-        raise DatasetFormatError(
-            f"{source}: top level is a JSON {type(top).__name__}; expected an object like {example}"
-        )
+    top = parse_json_object(text, source, f"a vocabulary like {example}", example, pairs_hook)
     if duplicates:
         raise DatasetFormatError(
             f"{source}: entry {duplicates[0]!r} appears more than once; expected each object once"

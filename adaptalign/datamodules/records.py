@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,26 @@ def load_json_object(path: Path, what: str, example: str) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetFormatError(f"{path}: cannot read the file ({exc})") from exc
+    return parse_json_object(text, str(path), what, example)
+
+
+def parse_json_object(
+    text: str,
+    source: str,
+    what: str,
+    example: str,
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+) -> dict[str, Any]:
+    """JSON text's top-level object, or an error naming ``source`` and what it should hold."""
     try:
-        top = json.loads(text)
+        top = json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
         raise DatasetFormatError(
-            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+            f"{source}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
             f"expected {what}"
         ) from exc
     if not isinstance(top, dict):
         raise DatasetFormatError(
-            f"{path}: top level is a JSON {type(top).__name__}; expected an object like {example}"
+            f"{source}: top level is a JSON {type(top).__name__}; expected an object like {example}"
         )
     return top
