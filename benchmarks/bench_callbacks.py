@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 
 import lightning as L
 import numpy as np
 import torch
-from bench_train_step import StepTimer, loader, make_batches, make_module
+from bench_train_step import make_batches, time_lightning
 
 from adaptalign.callbacks.arl import ARL
 from adaptalign.callbacks.loss_weighting import LossWeighting
@@ -100,26 +99,6 @@ def with_clusters(batches: list[dict]) -> list[dict]:
     return batches
 
 
-def time_fit(batches: list[dict], skip: int, callbacks: list[L.Callback]) -> float:
-    """Seconds per training step after ``skip`` warm-up steps."""
-    module = make_module()
-    timer = StepTimer(skip)
-    with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            limit_val_batches=0,
-            default_root_dir=root,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            log_every_n_steps=5,
-            callbacks=[*callbacks, timer],
-        )
-        trainer.fit(module, train_dataloaders=loader(batches))
-    return (timer.end - timer.start) / timer.steps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
@@ -136,7 +115,7 @@ def main() -> None:
     for r in range(args.repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             callbacks = VARIANTS[name]()
-            times[name].append(time_fit(batches, skip, callbacks))
+            times[name].append(time_lightning(batches, skip, callbacks, log_every_n_steps=5))
             clocked = [c for c in callbacks if isinstance(c, HookClock)]
             hooks[name].append(sum(c.hook_seconds / c.hook_steps for c in clocked))
         row = "  ".join(f"{name} {times[name][-1]:.3f}" for name in names)

@@ -14,6 +14,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -81,7 +82,13 @@ def loader(batches: list[dict]) -> DataLoader:
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
-def time_lightning(batches: list[dict], skip: int) -> float:
+def time_lightning(
+    batches: list[dict],
+    skip: int,
+    callbacks: Sequence[L.Callback] = (),
+    log_every_n_steps: int = 10,
+) -> float:
+    """Seconds per training step of the system in Lightning's loop, after ``skip`` steps."""
     module = make_module()
     timer = StepTimer(skip)
     with tempfile.TemporaryDirectory() as root:
@@ -93,8 +100,8 @@ def time_lightning(batches: list[dict], skip: int) -> float:
             enable_progress_bar=False,
             enable_model_summary=False,
             enable_checkpointing=False,
-            log_every_n_steps=10,
-            callbacks=[timer],
+            log_every_n_steps=log_every_n_steps,
+            callbacks=[*callbacks, timer],
         )
         trainer.fit(module, train_dataloaders=loader(batches))
     return (timer.end - timer.start) / timer.steps
