@@ -26,6 +26,21 @@ CONFIGS = ROOT / "configs"
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
 
+def combined_args(text_model: str, tmp_path: Path) -> list[str]:
+    """The tiny config with all four methods, 2 epochs, 4 caption clusters from the tiny BERT."""
+    return [
+        "--config",
+        TINY,
+        "--config",
+        str(CONFIGS / "methods" / "combined.yaml"),
+        f"--model.text_tower.model_name={text_model}",
+        f"--data.clusters.text_model={text_model}",
+        "--data.clusters.num_clusters=4",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.max_epochs=2",
+    ]
+
+
 class ControlsProbe(L.Callback):
     """Records the controls each step consumed, with the batch's cluster sizes and epoch."""
 
@@ -37,18 +52,7 @@ class ControlsProbe(L.Callback):
 
 
 def test_combined_config_composes_all_four_methods(tiny_text_model: str, tmp_path: Path) -> None:
-    args = [
-        "--config",
-        TINY,
-        "--config",
-        str(CONFIGS / "methods" / "combined.yaml"),
-        f"--model.text_tower.model_name={tiny_text_model}",
-        f"--data.clusters.text_model={tiny_text_model}",
-        "--data.clusters.num_clusters=4",
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.max_epochs=2",
-    ]
+    args = [*combined_args(tiny_text_model, tmp_path), f"--trainer.default_root_dir={tmp_path}"]
     cli = build_cli(args, run=False)
     callbacks = {type(c): c for c in cli.trainer.callbacks}
     assert {TemperatureSchedule, LossWeighting, ObjectCurriculum, ARL} <= callbacks.keys()
@@ -92,18 +96,8 @@ def test_combined_config_under_two_process_ddp(tiny_text_model: str, tmp_path: P
     of one process on the global batch; the run's final validation is then repeated on one process
     from its checkpoint.
     """
-    settings = [
-        "--config",
-        TINY,
-        "--config",
-        str(CONFIGS / "methods" / "combined.yaml"),
-        f"--model.text_tower.model_name={tiny_text_model}",
-        f"--data.clusters.text_model={tiny_text_model}",
-        "--data.clusters.num_clusters=4",
-        "--data.generated.num_train=96",  # 3 global batches of 2 x 16 an epoch
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        "--trainer.max_epochs=2",
-    ]
+    # 3 global batches of 2 x 16 an epoch
+    settings = [*combined_args(tiny_text_model, tmp_path), "--data.generated.num_train=96"]
     ddp_root, single_root = tmp_path / "ddp", tmp_path / "single"
     probe = [
         "--trainer.callbacks+=tests.ddp_probe.StepProbe",
