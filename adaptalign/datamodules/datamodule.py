@@ -389,8 +389,7 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def _curriculum_loader(self, dataset: TrainPairs, rank: int, world: int) -> ResumableDataLoader:
         """Batches from the curriculum sampler, which shards each global batch over ranks."""
-        connector = getattr(self.trainer, "_accelerator_connector", None)
-        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+        if world > 1 and self._lightning_shards():
             raise ConfigurationError(
                 "data.sampler='curriculum' shards batches itself; set "
                 "trainer.use_distributed_sampler: false"
@@ -434,10 +433,14 @@ class AlignmentDataModule(L.LightningDataModule):
         padding duplicates the sampler adds are dropped by the retrieval metric.
         """
         rank, world = self._world()
-        connector = getattr(self.trainer, "_accelerator_connector", None)
-        if world == 1 or getattr(connector, "use_distributed_sampler", True):
+        if world == 1 or self._lightning_shards():
             return None
         return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+
+    def _lightning_shards(self) -> bool:
+        """Whether the trainer adds DistributedSamplers itself (``use_distributed_sampler``)."""
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        return bool(getattr(connector, "use_distributed_sampler", False))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

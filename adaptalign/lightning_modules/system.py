@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from adaptalign.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules import rng
 from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
-from adaptalign.lightning_modules.gather import gather_with_grad
+from adaptalign.lightning_modules.gather import distributed_world, gather_with_grad
 from adaptalign.lightning_modules.losses import info_nce, max_margin, step_statistics
 from adaptalign.lightning_modules.retrieval import RetrievalMetric
 from adaptalign.lightning_modules.towers import (
@@ -260,7 +260,7 @@ class AlignmentModule(L.LightningModule):
         process 0's at the start of the next training forward, so after an epoch's last step they
         still differ. Evaluation (and the checkpoint, written by process 0) then use one model.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if distributed_world()[1] == 1:
             return
         for module in self.modules():
             if isinstance(module, _NormBase) and module.track_running_stats:
