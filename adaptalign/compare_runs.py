@@ -1,9 +1,10 @@
 """Running a comparison: one ``adaptalign fit`` process per run, each in a folder of its own.
 
 A run is finished when its ``summary.json`` exists (the :class:`RunSummary` callback writes it
-atomically at the end of ``fit``), so re-running a comparison skips finished runs and resumes after
-an interruption; an unfinished run starts again from scratch, so results never depend on where an
-interruption happened.
+atomically at the end of ``fit``), so re-running a comparison skips finished runs. An unfinished
+run that was started with the same arguments continues from its ``last.ckpt`` (written after every
+validation, atomically), in the same log folder; resuming is exact, so results never depend on
+where an interruption happened. Any other unfinished run starts again from scratch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from adaptalign.compare_results import summary_row
 
@@ -104,23 +106,45 @@ class Outcome:
         return "ended without writing summary.json"
 
 
+def resume_point(run: Run, overrides: Sequence[str]) -> Path | None:
+    """The ``last.ckpt`` an interrupted attempt with these very arguments left, if there is one.
+
+    An attempt with other arguments (another config, other overrides) is never continued: its
+    weights would mix two settings.
+    """
+    if run.finished() or recorded_arguments(run) != fit_command(run, overrides)[1:]:
+        return None
+    checkpoints = sorted(run.folder.glob("version_*/checkpoints/last.ckpt"))
+    return checkpoints[-1] if len(checkpoints) == 1 else None
+
+
 def execute(run: Run, overrides: Sequence[str]) -> Outcome:
-    """Runs one fit from scratch in its own process, its output going to ``log.txt``."""
-    if run.folder.exists():  # an unfinished attempt: never mix its logs or checkpoints in
-        shutil.rmtree(run.folder)
-    run.folder.mkdir(parents=True)
+    """Runs one fit in its own process, its output going to ``log.txt``.
+
+    It continues an interrupted attempt from its ``last.ckpt`` (see :func:`resume_point`), logging
+    to the same version folder; otherwise it starts from scratch in an emptied folder.
+    """
     command = fit_command(run, overrides)
-    record = {
-        "name": run.name,
-        "config": run.config,
-        "train_images": run.train_images,
-        "seed": run.seed,
-        "arguments": command[1:],
-    }
-    (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    checkpoint = resume_point(run, overrides)
+    if checkpoint is None:
+        if run.folder.exists():  # an attempt that cannot be continued: never mix its files in
+            shutil.rmtree(run.folder)
+        run.folder.mkdir(parents=True)
+        record = {
+            "name": run.name,
+            "config": run.config,
+            "train_images": run.train_images,
+            "seed": run.seed,
+            "arguments": command[1:],
+        }
+        (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    else:
+        version = checkpoint.parent.parent.name  # a string, so the logger keeps the folder name
+        command += ["--ckpt_path", str(checkpoint), "--trainer.logger.version", version]
     started = time.monotonic()
-    with run.log_path.open("w") as log:
-        log.write(f"$ {shlex.join(command)}\n\n")
+    mode, gap = ("w", "") if checkpoint is None else ("a", "\n")  # a resumed run's log goes on
+    with run.log_path.open(mode) as log:
+        log.write(f"{gap}$ {shlex.join(command)}\n\n")
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         returncode = subprocess.run(
@@ -172,7 +196,13 @@ class Progress:
 
 
 def run_one(index: int, run: Run, overrides: Sequence[str], progress: Progress) -> Outcome:
-    progress.say(index, run, "started")
+    checkpoint = resume_point(run, overrides)
+    if checkpoint is None:
+        progress.say(index, run, "started")
+    else:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        where = f"epoch {saved['epoch']}, step {saved['global_step']}"
+        progress.say(index, run, f"resumed from {checkpoint} ({where})")
     outcome = execute(run, overrides)
     took, eta = format_duration(outcome.seconds), progress.eta(outcome.seconds)
     if outcome.ok:

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -356,7 +357,8 @@ def test_rerunning_the_same_command_skips_every_finished_run(
 def test_a_deleted_summary_reruns_that_run_and_failures_do_not_stop_the_rest(
     same_environment: Path, tiny_text_model: str
 ) -> None:
-    """Delete one summary and add a size larger than the 48-image split, which fails per seed.
+    """Delete one run's summary and checkpoints, as if it died before its first validation, and
+    add a size larger than the 48-image split, which fails per seed.
 
     Three runs at a time keep the test short; each failure is an ordinary result of the pool, so
     the order in which runs end does not matter.
@@ -364,6 +366,7 @@ def test_a_deleted_summary_reruns_that_run_and_failures_do_not_stop_the_rest(
     output = same_environment
     before = run_files(output)
     (output / "runs" / "tiny" / "n32" / "seed1" / "summary.json").unlink()
+    shutil.rmtree(output / "runs" / "tiny" / "n32" / "seed1" / "version_0" / "checkpoints")
     code, printed, errors = compare(output, tiny_text_model, *COMMAND[:-2], "64", "--jobs", "3")
     assert code == 1
     assert printed.count("skipped (finished)") == 3 and printed.count("started") == 3
@@ -381,6 +384,49 @@ def test_a_deleted_summary_reruns_that_run_and_failures_do_not_stop_the_rest(
     assert not (output / "runs" / "tiny" / "n64" / "seed0" / "summary.json").exists()
     with (output / "results.csv").open() as handle:  # the report covers the finished runs
         assert len(list(csv.DictReader(handle))) == 4
+
+
+def test_an_interrupted_run_goes_on_from_its_last_checkpoint(
+    same_environment: Path, tiny_text_model: str
+) -> None:
+    """No summary but a ``last.ckpt`` from the same arguments: the run continues in place."""
+    output = same_environment
+    folder = output / "runs" / "tiny" / "n16" / "seed0"
+    before = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").unlink()
+    best = {p: p.stat().st_mtime_ns for p in folder.glob("version_0/checkpoints/best-*.ckpt")}
+    assert best
+
+    code, printed, errors = compare(output, tiny_text_model, *COMMAND)
+    assert code == 0, printed + errors
+    last = folder / "version_0" / "checkpoints" / "last.ckpt"
+    epoch, step = before["last"]["epoch"], before["global_step"]
+    assert f"tiny n=16 seed=0 resumed from {last} (epoch {epoch}, step {step})" in printed
+    assert printed.count("skipped (finished)") == 3 and "started" not in printed
+    # a fresh start would have emptied the folder and written its checkpoints again
+    assert {p: p.stat().st_mtime_ns for p in best} == best
+    assert sorted(p.name for p in folder.glob("version_*")) == ["version_0"]
+    after = json.loads((folder / "summary.json").read_text())
+    assert after["history"] == before["history"] and after["global_step"] == step
+    assert after["wall_seconds"] >= before["wall_seconds"]  # the attempts' times add up
+    attempts = (folder / "log.txt").read_text().split("\n$ ")
+    assert len(attempts) == 2 and f"--ckpt_path {last}" in attempts[1]
+
+
+def test_an_attempt_with_other_arguments_is_not_continued(tmp_path: Path) -> None:
+    from adaptalign.compare_runs import Run, fit_command, resume_point
+
+    run = Run("tiny", TINY, 16, 0, tmp_path / "run")
+    (run.folder / "version_0" / "checkpoints").mkdir(parents=True)
+    (run.folder / "version_0" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    record = {"arguments": fit_command(run, ["--trainer.max_epochs=3"])[1:]}
+    (run.folder / "run.json").write_text(json.dumps(record))
+    assert resume_point(run, ["--trainer.max_epochs=3"]) == (
+        run.folder / "version_0" / "checkpoints" / "last.ckpt"
+    )
+    assert resume_point(run, ["--trainer.max_epochs=4"]) is None
+    (run.folder / "summary.json").write_text("{}")
+    assert resume_point(run, ["--trainer.max_epochs=3"]) is None  # finished: nothing to go on with
 
 
 def test_stress_test_of_finished_runs(comparison: tuple[Path, str], tiny_text_model: str) -> None:

@@ -337,3 +337,50 @@ def test_a_run_killed_mid_epoch_resumes_exactly(
     expected = final_validation(whole / "lightning_logs" / "version_0")
     assert "val/rsum" in expected
     assert final_validation(killed / "lightning_logs" / "version_1") == expected
+
+
+def test_a_comparison_run_killed_after_an_epoch_goes_on_where_it_stopped(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``adaptalign compare`` does after a pre-emption: the fit goes on from the epoch-end
+    ``last.ckpt`` in its own log folder, and ends as the uninterrupted run does, each validation
+    recorded once."""
+    import json
+
+    from adaptalign.compare_runs import Run, execute, fit_command
+
+    monkeypatch.chdir(ROOT)  # ``-m`` puts it first on sys.path, so ``tests.killer`` imports
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = [
+        f"--model.text_tower.model_name={tiny_text_model}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.max_epochs=3",
+    ]
+    whole = Run("tiny", TINY, None, 0, tmp_path / "whole")
+    assert execute(whole, overrides).ok
+
+    killed = Run("tiny", TINY, None, 0, tmp_path / "killed")
+    # 3 batches an epoch: dies at the start of the second epoch, after its first validation
+    killer = ["--trainer.callbacks+=tests.killer.KillAt", "--trainer.callbacks.step=3"]
+    died = execute(killed, [*overrides, *killer])
+    assert died.returncode == -signal.SIGKILL and not killed.finished(), died.log_tail
+    record = json.loads((killed.folder / "run.json").read_text())  # as if killed from outside
+    record["arguments"] = fit_command(killed, overrides)[1:]
+    (killed.folder / "run.json").write_text(json.dumps(record))
+
+    resumed = execute(killed, overrides)
+    assert resumed.ok, resumed.log_tail
+    assert "--ckpt_path" in (killed.folder / "log.txt").read_text()
+    assert sorted(p.name for p in killed.folder.iterdir() if p.is_dir()) == ["version_0"]
+    reference = json.loads(whole.summary_path.read_text())
+    result = json.loads(killed.summary_path.read_text())
+    assert [entry["epoch"] for entry in result["history"]] == [0, 1, 2]
+    assert result["history"] == reference["history"]
+    checkpoint = Path("version_0") / "checkpoints" / "last.ckpt"
+    expected = torch.load(whole.folder / checkpoint, weights_only=True)["state_dict"]
+    assert_same(
+        torch.load(killed.folder / checkpoint, weights_only=True)["state_dict"], expected, "weights"
+    )
+    assert final_validation(killed.folder / "version_0") == final_validation(
+        whole.folder / "version_0"
+    )
