@@ -4,7 +4,9 @@ Lightning's default writer streams the checkpoint straight into its final file, 
 while writing (out of memory, a pre-empted job, a SIGKILL) leaves a truncated ``last.ckpt`` that
 replaced the good one and cannot be resumed from. :class:`AtomicCheckpointIO` writes to a
 temporary file in the same folder, flushes it to disk and only then renames it over the target:
-the name always holds either the previous checkpoint or the new one, complete.
+the name always holds either the previous checkpoint or the new one, complete. A process killed
+mid-write leaves its temporary file behind (as large as a checkpoint); the next complete write of
+the same checkpoint removes it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,30 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Delete the temporary files of ``target`` whose writing processes no longer run.
+
+    Files of running processes are left alone: another process may be writing them now.
+    """
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*{TEMP_SUFFIX}"):
+        pid = path.name[len(target.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into a temporary file, fsync, then ``os.replace`` onto the checkpoint's name.
 
@@ -73,3 +99,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
             raise
         _fsync_folder(target.parent)
+        remove_leftovers(target)
