@@ -149,6 +149,44 @@ def test_optimizer_groups_separate_towers_and_projections(tiny_text_model: str) 
     assert by_name["projections_no_decay"]["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_towers_gradient_scale_moves_sgd_and_cancels_in_adamw(
+    tiny_text_model: str, batch: dict, optimizer: str
+) -> None:
+    """ARL's modality weights scale a tower's gradients: SGD's first step scales with them, while
+    AdamW's (gradient over its own running size) does not, up to its epsilon."""
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    def first_update(scale: float) -> torch.Tensor:
+        m = tiny_module(
+            tiny_text_model, image={"freeze": True}, optimizer=optimizer, weight_decay=0.0, lr=1.0
+        )  # a large step, so the difference of weights keeps its precision
+        m.trainer = FakeTrainer()  # type: ignore[assignment]
+        step = m.configure_optimizers()["optimizer"]
+        m.trainer = None  # type: ignore[assignment]
+        before = m.text_tower.projection.weight.detach().clone()
+        m.controls = Controls(tower_grad_scale=(1.0, scale))
+        m.training_step(batch, 0)["loss"].backward()
+        step.step()
+        return m.text_tower.projection.weight.detach() - before
+
+    full, quarter = first_update(1.0), first_update(0.25)
+    assert full.abs().max() > 0
+    expected = 0.25 * full if optimizer == "sgd" else full
+    assert torch.allclose(quarter, expected, rtol=1e-3, atol=1e-9)
+
+
+def test_an_unknown_optimizer_or_momentum_is_refused(tiny_text_model: str) -> None:
+    from adaptalign.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="optimizer='adam'; expected 'adamw' or 'sgd'"):
+        tiny_module(tiny_text_model, optimizer="adam")
+    with pytest.raises(ConfigurationError, match=r"momentum=1.0; expected a value in \[0, 1\)"):
+        tiny_module(tiny_text_model, optimizer="sgd", momentum=1.0)
+
+
 def test_non_finite_loss_stops_with_the_batch_and_controls(
     tiny_text_model: str, tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -90,11 +90,17 @@ class AlignmentModule(L.LightningModule):
         warmup: float = 0.05,
         min_lr_ratio: float = 0.0,
         eval_chunk_size: int = 1024,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
     ) -> None:
         super().__init__()
         image_cfg = _as_config(image_tower, ImageTowerConfig, "image_tower")
         text_cfg = _as_config(text_tower, TextTowerConfig, "text_tower")
         self._validate(embed_dim, criterion, temperature, temperature_bounds, margin, warmup)
+        if optimizer not in ("adamw", "sgd"):
+            raise ConfigurationError(f"optimizer={optimizer!r}; expected 'adamw' or 'sgd'")
+        if not 0 <= momentum < 1:
+            raise ConfigurationError(f"momentum={momentum!r}; expected a value in [0, 1)")
         self.save_hyperparameters(ignore=["image_tower", "text_tower"])
         self.hparams["image_tower"] = asdict(image_cfg)
         self.hparams["text_tower"] = asdict(text_cfg)
@@ -350,7 +356,12 @@ class AlignmentModule(L.LightningModule):
                 groups.append(
                     {"name": f"{name}_no_decay", "params": others, "lr": lr, "weight_decay": 0.0}
                 )
-        optimizer = torch.optim.AdamW(groups)
+        # AdamW divides each parameter's step by its own gradients' size, so a constant factor on a
+        # tower's gradients (ARL's modality weights) cancels; SGD's step scales with it.
+        if self.hparams.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, momentum=self.hparams.momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.hparams.warmup
         warmup_steps = int(warmup * total) if warmup < 1 else int(warmup)
