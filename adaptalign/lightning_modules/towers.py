@@ -47,8 +47,9 @@ class TextTowerConfig:
 
     ``chunk_size`` captions go through the backbone at a time, sorted by length first, so each
     forward pads to a length near its own captions' instead of the batch's longest. On CPU this
-    makes a fine-tuned MiniLM's training step about twice and its evaluation about 2.5 times as
-    fast on Flickr8k captions; ``None`` encodes a whole batch in one forward (for large GPUs).
+    makes a fine-tuned MiniLM's training step and its evaluation about twice as fast on Flickr8k
+    captions (``benchmarks/bench_text_chunks.py``); ``None`` encodes a whole batch in one forward
+    (for large GPUs).
     """
 
     model_name: str = "all-MiniLM-L6-v2"
@@ -279,11 +280,7 @@ class TextTower(_Tower):
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         chunks = [order[start : start + size] for start in range(0, len(order), size)]
         encoded = torch.cat([self._encode_chunk([texts[i] for i in chunk]) for chunk in chunks])
-        position = torch.empty(len(order), dtype=torch.long, device=encoded.device)
-        position[torch.tensor(order, device=encoded.device)] = torch.arange(
-            len(order), device=encoded.device
-        )
-        return encoded[position]
+        return encoded[torch.tensor(order, device=encoded.device).argsort()]  # input order again
 
     def _encode_chunk(self, texts: list[str]) -> Tensor:
         tokens = self._tokenize(texts)
