@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from adaptalign.compare_results import markdown_table, write_atomic, write_results
+from adaptalign.atomic_files import write_atomic
+from adaptalign.compare_results import markdown_table, write_results
 from adaptalign.compare_runs import (
     Run,
     TrainImages,

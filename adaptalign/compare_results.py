@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from adaptalign.atomic_files import write_atomic
 
 METRICS = (
     "i2t_R@1",
@@ -204,16 +205,6 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
     return buffer.getvalue()
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Readers (and an interrupted report) never see a half-written result file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def plot_png(groups: Sequence[dict[str, Any]]) -> bytes:

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adaptalign.compare_results import describe, format_stat, metric_label, write_atomic
+from adaptalign.atomic_files import write_atomic
+from adaptalign.compare_results import describe, format_stat, metric_label
 from adaptalign.compare_runs import Run, size_label
 
 STRESS_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")

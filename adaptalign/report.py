@@ -23,13 +23,13 @@ from typing import Any
 import yaml
 
 from adaptalign import compare
+from adaptalign.atomic_files import write_atomic
 from adaptalign.compare_results import (
     aggregate,
     bucket_table,
     format_stat,
     markdown_table,
     plot_png,
-    write_atomic,
 )
 from adaptalign.compare_runs import Run, finished_rows, report_order
 from adaptalign.compare_stress import aggregate_stress, stress_plot, stress_rows

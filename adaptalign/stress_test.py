@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adaptalign.compare_results import write_atomic
+from adaptalign.atomic_files import write_atomic
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.errors import ConfigurationError
 

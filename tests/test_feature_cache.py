@@ -95,6 +95,7 @@ def test_a_killed_write_leaves_no_entry(tmp_path: Path) -> None:
     assert cache.load(path, 1000) is None
     out = cache.get_or_compute("image", "m", "d", 2, lambda: torch.zeros(2, 3))
     assert torch.equal(out, torch.zeros(2, 3))
+    assert not list(path.parent.glob(".*.tmp"))  # the next write cleared it away
 
 
 def _data(tmp_path: Path) -> AlignmentDataModule:

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from adaptalign.atomic_files import atomic_write
+
 
 class EmbeddingWriter(BasePredictionWriter):
     """Saves image and text embeddings with their ids and captions as a ``torch.save`` dict.
@@ -50,10 +52,8 @@ class EmbeddingWriter(BasePredictionWriter):
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         else:
             path = self._target(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(result, tmp)
-        tmp.replace(path)
+        with atomic_write(path) as file:
+            torch.save(result, file)
         self.written = path
         print(
             f"wrote {result['image_embeddings'].shape[0]} image and "

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+
+from adaptalign.atomic_files import write_atomic
 
 PREFIX = "val/"
 
@@ -77,12 +78,8 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        path = Path(self.output_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written to a temporary file first: a half-written summary would mark a run as finished.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.summary(trainer), indent=2) + "\n")
-        os.replace(tmp, path)
+        # Written whole or not at all: a half-written summary would mark a run as finished.
+        write_atomic(self.output_path, json.dumps(self.summary(trainer), indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "wall_seconds": self.wall_seconds()}

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from adaptalign.atomic_files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,8 @@ class FeatureCache:
         return features
 
     def save(self, path: Path, features: Tensor, meta: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save({"features": features.contiguous(), "meta": meta}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as handle:
+            torch.save({"features": features.contiguous(), "meta": meta}, handle)
 
     def get_or_compute(
         self,

@@ -7,14 +7,12 @@ It does not look at image files; that check is shared by every format and done l
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from adaptalign.atomic_files import write_atomic
 from adaptalign.datamodules.records import DatasetFormatError, Record, load_json_object
 
 SPLITS: dict[str, str] = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -159,15 +157,4 @@ def write_karpathy(
     path = Path(path)
     top: dict[str, Any] = {"dataset": dataset, "images": images, **(extra or {})}
     text = json.dumps(top, ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's private 0600 would hide the dataset from other users
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, text + "\n")

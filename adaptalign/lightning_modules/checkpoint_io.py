@@ -2,17 +2,13 @@
 
 Lightning's default writer streams the checkpoint straight into its final file, so a run killed
 while writing (out of memory, a pre-empted job, a SIGKILL) leaves a truncated ``last.ckpt`` that
-replaced the good one and cannot be resumed from. :class:`AtomicCheckpointIO` writes to a
-temporary file in the same folder, flushes it to disk and only then renames it over the target:
-the name always holds either the previous checkpoint or the new one, complete. A process killed
-mid-write leaves its temporary file behind (as large as a checkpoint); the next complete write of
-the same checkpoint removes it.
+replaced the good one and cannot be resumed from. :class:`AtomicCheckpointIO` writes it with
+:func:`~adaptalign.atomic_files.atomic_write` instead, which also clears away the temporary files
+of writers that were killed.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,51 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TEMP_SUFFIX = ".tmp"
-
-
-def temporary_path(target: Path) -> Path:
-    """A unique hidden name beside ``target`` that never ends in ``.ckpt``.
-
-    Nothing that looks for checkpoints (``*.ckpt``, ``last.ckpt``) can mistake a half-written
-    file left by a killed process for one.
-    """
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable; folders cannot be opened for this outside POSIX."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
-def remove_leftovers(target: Path) -> list[Path]:
-    """Delete the temporary files of ``target`` whose writing processes no longer run.
-
-    Files of running processes are left alone: another process may be writing them now.
-    """
-    removed = []
-    for path in target.parent.glob(f".{target.name}.*{TEMP_SUFFIX}"):
-        pid = path.name[len(target.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+from adaptalign.atomic_files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -86,17 +38,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(
                 f"{type(self).__name__} takes no storage_options (got {storage_options!r})"
             )
-        target = Path(strip_protocol(str(path)))  # also file:// addresses
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_path(target)
-        try:
-            with open(temporary, "xb") as file:  # "x": never another writer's file
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_folder(target.parent)
-        remove_leftovers(target)
+        with atomic_write(Path(strip_protocol(str(path)))) as file:  # also file:// addresses
+            torch.save(checkpoint, file)
