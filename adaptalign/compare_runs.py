@@ -4,11 +4,14 @@ A run is finished when its ``summary.json`` exists (the :class:`RunSummary` call
 atomically at the end of ``fit``), so re-running a comparison skips finished runs. An unfinished
 run that was started with the same arguments continues from its ``last.ckpt`` (written after every
 validation, atomically), in the same log folder; resuming is exact, so results never depend on
-where an interruption happened. Any other unfinished run starts again from scratch.
+where an interruption happened. "The same arguments" includes the content of every file they name
+(config layers, vocabularies), so editing a config between attempts starts the run afresh. Any other
+unfinished run starts again from scratch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,26 +109,54 @@ class Outcome:
         return "ended without writing summary.json"
 
 
-def resume_point(run: Run, overrides: Sequence[str]) -> Path | None:
-    """The ``last.ckpt`` an interrupted attempt with these very arguments left, if there is one.
+def file_digests(arguments: Sequence[str]) -> dict[str, str]:
+    """SHA-256 of every file the arguments name (``--config a.yaml``, ``--data.vocabulary=v.json``).
 
-    An attempt with other arguments (another config, other overrides) is never continued: its
-    weights would mix two settings.
+    Code defaults are not covered: a run that continues after the package changed uses the new code.
     """
-    if run.finished() or recorded_arguments(run) != fit_command(run, overrides)[1:]:
+    digests = {}
+    for argument in arguments:
+        value = argument.partition("=")[2] if argument.startswith("--") else argument
+        path = Path(value)
+        if value and path.is_file():
+            digests[value] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def same_setting(run: Run, overrides: Sequence[str]) -> bool:
+    """Whether the run's recorded attempt had these arguments and the files they name unchanged."""
+    arguments = fit_command(run, overrides)[1:]
+    record = recorded_run(run)
+    return record.get("arguments") == arguments and record.get("files") == file_digests(arguments)
+
+
+def resume_point(run: Run, overrides: Sequence[str]) -> Path | None:
+    """The ``last.ckpt`` an interrupted attempt in the very same setting left, if there is one.
+
+    An attempt in another setting (another config, other overrides, an edited config file) is never
+    continued: its weights would mix two settings.
+    """
+    if run.finished() or not same_setting(run, overrides):
         return None
-    checkpoints = sorted(run.folder.glob("version_*/checkpoints/last.ckpt"))
-    return checkpoints[-1] if len(checkpoints) == 1 else None
+    checkpoints = list(run.folder.glob("version_*/checkpoints/last.ckpt"))
+    return checkpoints[0] if len(checkpoints) == 1 else None
 
 
-def execute(run: Run, overrides: Sequence[str]) -> Outcome:
+def execute(
+    run: Run,
+    overrides: Sequence[str],
+    announce: Callable[[Path | None], None] | None = None,
+) -> Outcome:
     """Runs one fit in its own process, its output going to ``log.txt``.
 
     It continues an interrupted attempt from its ``last.ckpt`` (see :func:`resume_point`), logging
-    to the same version folder; otherwise it starts from scratch in an emptied folder.
+    to the same version folder; otherwise it starts from scratch in an emptied folder. ``announce``
+    hears which, just before the process starts.
     """
     command = fit_command(run, overrides)
     checkpoint = resume_point(run, overrides)
+    if announce is not None:
+        announce(checkpoint)
     if checkpoint is None:
         if run.folder.exists():  # an attempt that cannot be continued: never mix its files in
             shutil.rmtree(run.folder)
@@ -136,6 +167,7 @@ def execute(run: Run, overrides: Sequence[str]) -> Outcome:
             "train_images": run.train_images,
             "seed": run.seed,
             "arguments": command[1:],
+            "files": file_digests(command[1:]),
         }
         (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     else:
@@ -155,11 +187,22 @@ def execute(run: Run, overrides: Sequence[str]) -> Outcome:
     return Outcome(run, returncode, seconds, tail)
 
 
-def recorded_arguments(run: Run) -> list[str] | None:
+def recorded_run(run: Run) -> dict[str, Any]:
+    """What ``run.json`` says of the run's last attempt; empty when missing or unreadable."""
     try:
-        return json.loads((run.folder / "run.json").read_text()).get("arguments")
+        record = json.loads((run.folder / "run.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def checkpoint_position(checkpoint: Path) -> str:
+    """Where a checkpoint is, for the progress line; an unreadable one is left to fit to report."""
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return f" (epoch {saved['epoch']}, step {saved['global_step']})"
+    except Exception:  # the fit that loads it says what is wrong
+        return ""
 
 
 def format_duration(seconds: float) -> str:
@@ -196,14 +239,14 @@ class Progress:
 
 
 def run_one(index: int, run: Run, overrides: Sequence[str], progress: Progress) -> Outcome:
-    checkpoint = resume_point(run, overrides)
-    if checkpoint is None:
-        progress.say(index, run, "started")
-    else:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        where = f"epoch {saved['epoch']}, step {saved['global_step']}"
-        progress.say(index, run, f"resumed from {checkpoint} ({where})")
-    outcome = execute(run, overrides)
+    def announce(checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            progress.say(index, run, "started")
+        else:
+            where = checkpoint_position(checkpoint)
+            progress.say(index, run, f"resumed from {checkpoint}{where}")
+
+    outcome = execute(run, overrides, announce)
     took, eta = format_duration(outcome.seconds), progress.eta(outcome.seconds)
     if outcome.ok:
         progress.say(index, run, f"done in {took} ({headline(run)}){eta}")
@@ -222,9 +265,11 @@ def run_all(runs: list[Run], overrides: Sequence[str], jobs: int = 1) -> list[Ou
     for index, run in enumerate(runs):
         if run.finished():
             note = ""
-            previous = recorded_arguments(run)
-            if previous is not None and previous != fit_command(run, overrides)[1:]:
-                note = "; note: it ran with other arguments, delete its summary.json to re-run"
+            if recorded_run(run) and not same_setting(run, overrides):
+                note = (
+                    "; note: it ran with other arguments or config files, "
+                    "delete its summary.json to re-run"
+                )
             progress.say(index, run, f"skipped (finished){note}")
     # Threads only wait on their fit processes, so they parallelise even under the GIL.
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -413,18 +413,34 @@ def test_an_interrupted_run_goes_on_from_its_last_checkpoint(
     assert len(attempts) == 2 and f"--ckpt_path {last}" in attempts[1]
 
 
-def test_an_attempt_with_other_arguments_is_not_continued(tmp_path: Path) -> None:
-    from adaptalign.compare_runs import Run, fit_command, resume_point
-
-    run = Run("tiny", TINY, 16, 0, tmp_path / "run")
-    (run.folder / "version_0" / "checkpoints").mkdir(parents=True)
-    (run.folder / "version_0" / "checkpoints" / "last.ckpt").write_bytes(b"")
-    record = {"arguments": fit_command(run, ["--trainer.max_epochs=3"])[1:]}
-    (run.folder / "run.json").write_text(json.dumps(record))
-    assert resume_point(run, ["--trainer.max_epochs=3"]) == (
-        run.folder / "version_0" / "checkpoints" / "last.ckpt"
+def test_an_attempt_in_another_setting_is_not_continued(tmp_path: Path) -> None:
+    """Other overrides, or a config file edited since, start afresh; so does a finished run."""
+    from adaptalign.compare_runs import (
+        Run,
+        checkpoint_position,
+        file_digests,
+        fit_command,
+        resume_point,
     )
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(Path(TINY).read_text())
+    run = Run("tiny", str(config), 16, 0, tmp_path / "run")
+    last = run.folder / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"not a checkpoint")
+    arguments = fit_command(run, ["--trainer.max_epochs=3"])[1:]
+    assert list(file_digests(arguments)) == [str(config)]
+    record = {"arguments": arguments, "files": file_digests(arguments)}
+    (run.folder / "run.json").write_text(json.dumps(record))
+    assert resume_point(run, ["--trainer.max_epochs=3"]) == last
+    assert checkpoint_position(last) == ""  # unreadable: left to fit to report
     assert resume_point(run, ["--trainer.max_epochs=4"]) is None
+    config.write_text(config.read_text() + "\n# edited\n")
+    assert resume_point(run, ["--trainer.max_epochs=3"]) is None
+    record["files"] = file_digests(arguments)
+    (run.folder / "run.json").write_text(json.dumps(record))
+    assert resume_point(run, ["--trainer.max_epochs=3"]) == last
     (run.folder / "summary.json").write_text("{}")
     assert resume_point(run, ["--trainer.max_epochs=3"]) is None  # finished: nothing to go on with
 
