@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads take a count of at least 1")
     torch.set_num_threads(args.threads)
     captions, source = load_captions(20_000)
     print(f"{source}; {args.threads} thread(s), {args.repeats} repeats, median seconds")
