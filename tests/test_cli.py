@@ -243,6 +243,7 @@ def test_shipped_configs_parse(configs: list[str], capsys, monkeypatch: pytest.M
         assert printed["model"]["learn_temperature"] is False
     if configs[-1].endswith("sgd.yaml"):
         assert printed["model"]["optimizer"] == "sgd" and printed["model"]["momentum"] == 0.9
+        assert printed["model"]["weight_decay"] == 0.0
     if "flickr8k" in configs[0]:
         assert printed["model"]["image_tower"]["freeze"] is True
         assert printed["data"]["format"] == "flickr8k"

@@ -66,8 +66,11 @@ class AlignmentModule(L.LightningModule):
         temperature: initial (or fixed) InfoNCE temperature; ``learn_temperature`` makes it a
             parameter, clamped to ``temperature_bounds``.
         margin: max-margin hinge margin; ``hardest_negative`` uses the VSE++ max over negatives.
-        lr, tower_lr: AdamW learning rates of projections (and temperature) and of unfrozen
-            backbones; ``weight_decay`` applies to matrices only.
+        lr, tower_lr: learning rates of projections (and temperature) and of unfrozen backbones;
+            ``weight_decay`` applies to matrices only.
+        optimizer: ``adamw`` (decoupled weight decay) or ``sgd`` with ``momentum``, whose weight
+            decay is an L2 term added to the gradient. Under AdamW a constant factor on a tower's
+            gradients (ARL's modality weights) cancels; under SGD it scales the tower's steps.
         warmup: warm-up length, a fraction of all steps if < 1 else a step count; then cosine decay
             to ``min_lr_ratio`` times the peak.
         eval_chunk_size: images per similarity chunk in retrieval evaluation.
@@ -356,8 +359,6 @@ class AlignmentModule(L.LightningModule):
                 groups.append(
                     {"name": f"{name}_no_decay", "params": others, "lr": lr, "weight_decay": 0.0}
                 )
-        # AdamW divides each parameter's step by its own gradients' size, so a constant factor on a
-        # tower's gradients (ARL's modality weights) cancels; SGD's step scales with it.
         if self.hparams.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, momentum=self.hparams.momentum)
         else:
