@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,9 +47,11 @@ class ControlsProbe(L.Callback):
 
     def __init__(self) -> None:
         self.steps: list[tuple[int, Controls, torch.Tensor]] = []
+        self.losses: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps.append((trainer.current_epoch, outputs["controls"], batch["cluster_size"]))
+        self.losses.append(outputs["loss"].detach())
 
 
 def test_combined_config_composes_all_four_methods(tiny_text_model: str, tmp_path: Path) -> None:
@@ -80,6 +83,35 @@ def test_combined_config_composes_all_four_methods(tiny_text_model: str, tmp_pat
     # After the warm-up, ARL's weights come from its statistics: unequal, summing to 1.
     later = [c.tower_grad_scale for e, c, _ in probe.steps if e == 1]
     assert all(abs(a + b - 3.0) < 1e-6 and a != b for a, b in later)
+
+
+def test_combined_config_trains_in_bf16_mixed_precision(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    """``configs/trainer/ddp_bf16.yaml``'s precision on CPU: towers in bfloat16, loss in float32."""
+    args = [
+        *combined_args(tiny_text_model, tmp_path),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.precision=bf16-mixed",
+        "--trainer.log_every_n_steps=1",
+    ]
+    cli = build_cli(args, run=False)
+    projected: list[torch.dtype] = []
+    cli.model.image_tower.projection.register_forward_hook(
+        lambda module, inputs, output: projected.append(output.dtype)
+    )
+    probe = ControlsProbe()
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+    assert len(probe.losses) == 6 and set(projected) == {torch.bfloat16}
+    assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in probe.losses)
+    # The last step's mean temperature as the loss used it: MM-TS's values, not rounded.
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, TemperatureSchedule))
+    last = schedule.values(len(probe.steps) - 1, probe.steps[-1][2]).mean()
+    logged = cli.trainer.callback_metrics["train/temperature"]
+    assert float(logged) == pytest.approx(float(last), rel=1e-6)
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/rsum"]))
 
 
 def test_two_writers_of_one_control_are_refused() -> None:

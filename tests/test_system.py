@@ -58,6 +58,25 @@ def test_controls_are_used_once_then_reset(module: AlignmentModule, batch: dict)
     assert module.controls == Controls()  # the next step starts from the defaults
 
 
+def test_the_loss_stays_float32_under_bf16_autocast(module: AlignmentModule) -> None:
+    """Mixed precision runs the towers in bfloat16, never the logits or the temperatures."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=1)
+    text = torch.nn.functional.normalize(image + 0.3 * torch.randn(8, 32, generator=g), dim=1)
+    tau = torch.linspace(0.01, 0.07, 8)  # MM-TS-like per-sample temperatures
+    expected, _, _ = info_nce(image @ text.T, text @ image.T, torch.arange(8), tau)
+    controls = Controls(temperature=tau)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (image @ text.T).dtype == torch.bfloat16  # autocast really is on here
+        loss, _, stats = module.contrastive_loss(image, text, {}, controls)
+        features = torch.randn(2, module.image_tower.projection.in_features)
+        rows = module.encode_images({"image_features": features})
+    assert loss.dtype == torch.float32 and stats.temperature.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert torch.equal(stats.temperature, tau)
+    assert rows.dtype == torch.float32  # unit rows leave the towers in float32
+
+
 def test_extra_losses_are_added_with_their_weight(module: AlignmentModule, batch: dict) -> None:
     seen: list[StepEmbeddings] = []
 

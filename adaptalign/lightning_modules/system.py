@@ -56,6 +56,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _unit_rows(embeddings: Tensor) -> Tensor:
+    """L2-normalised rows in float32, whatever precision the tower ran in."""
+    return F.normalize(embeddings.float(), dim=-1)
+
+
 class AlignmentModule(L.LightningModule):
     """Aligns an image tower and a text tower in a shared, L2-normalised embedding space.
 
@@ -164,19 +169,30 @@ class AlignmentModule(L.LightningModule):
 
     def encode_images(self, batch: dict) -> Tensor:
         if "image_features" in batch:
-            return F.normalize(self.image_tower.projection(batch["image_features"]), dim=-1)
-        return F.normalize(self.image_tower(batch["images"]), dim=-1)
+            return _unit_rows(self.image_tower.projection(batch["image_features"]))
+        return _unit_rows(self.image_tower(batch["images"]))
 
     def encode_texts(self, batch: dict) -> Tensor:
         if "text_features" in batch:
-            return F.normalize(self.text_tower.projection(batch["text_features"]), dim=-1)
-        return F.normalize(self.text_tower(batch["texts"]), dim=-1)
+            return _unit_rows(self.text_tower.projection(batch["text_features"]))
+        return _unit_rows(self.text_tower(batch["texts"]))
 
     # ----------------------------------------------------------------- training
     def contrastive_loss(
         self, image: Tensor, text: Tensor, batch: dict, controls: Controls
     ) -> tuple[Tensor, dict[str, Tensor], object]:
-        """Loss of this rank's rows against the gathered batch, under the given controls."""
+        """Loss of this rank's rows against the gathered batch, under the given controls.
+
+        Always in float32, also under mixed precision: logits are similarities divided by
+        temperatures down to 0.01, and bfloat16 (8 significant bits) would round a logit near 100
+        to the nearest 0.5 and each scheduled temperature to 3 digits.
+        """
+        with torch.autocast(image.device.type, enabled=False):
+            return self._contrastive_loss(image.float(), text.float(), batch, controls)
+
+    def _contrastive_loss(
+        self, image: Tensor, text: Tensor, batch: dict, controls: Controls
+    ) -> tuple[Tensor, dict[str, Tensor], object]:
         image = scale_gradient(image, controls.tower_grad_scale[0])
         text = scale_gradient(text, controls.tower_grad_scale[1])
         all_image, offset = gather_with_grad(image)
