@@ -25,6 +25,7 @@ from adaptalign.datamodules.feature_cache import (
 )
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
+from adaptalign.lightning_modules.towers import encode_by_length
 
 
 @dataclass
@@ -76,19 +77,14 @@ def encode_images(
 def encode_texts(
     tower: nn.Module, captions: Sequence[str], batch_size: int = 256, progress: bool = True
 ) -> Tensor:
-    # Sorting by length keeps padding (and time) low; the order is restored afterwards.
-    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
-    out = torch.empty(0)
-    chunks = range(0, len(order), batch_size)
-    for start in tqdm(chunks, desc="text features", unit="batch", disable=not progress):
-        index = order[start : start + batch_size]
-        # ``encode`` bypasses the tower's in-memory memo: the cache entry is the one stored copy.
-        encode = getattr(tower, "encode", tower.features)
-        features = encode([captions[i] for i in index]).float().cpu()
-        if out.numel() == 0:
-            out = torch.empty(len(captions), features.shape[1])
-        out[index] = features
-    return out
+    # ``encode`` bypasses the tower's in-memory memo: the cache entry is the one stored copy.
+    encode = getattr(tower, "encode", tower.features)
+    return encode_by_length(
+        captions,
+        batch_size,
+        lambda batch: encode(batch).float().cpu(),
+        lambda starts: tqdm(starts, desc="text features", unit="batch", disable=not progress),
+    )
 
 
 def compute_frozen_features(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,29 @@ class TextTowerConfig:
     freeze: bool = False
     max_length: int = 64
     chunk_size: int | None = 32
+
+
+def encode_by_length(
+    texts: Sequence[str],
+    size: int,
+    encode: Callable[[list[str]], Tensor],
+    chunks: Callable[[range], Iterable[int]] = iter,
+) -> Tensor:
+    """``encode`` over chunks of ``size`` captions sorted by length; rows come back in input order.
+
+    Each chunk pads only to its own longest caption. Character length stands in for token length,
+    which keeps tokenisation (and its padding side) to the model. ``chunks`` may wrap the chunk
+    starts, e.g. in a progress bar.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(0)
+    for start in chunks(range(0, len(order), size)):
+        index = order[start : start + size]
+        rows = encode([texts[i] for i in index])
+        if out.numel() == 0:
+            out = rows.new_empty((len(texts), *rows.shape[1:]))
+        out[torch.tensor(index, device=rows.device)] = rows
+    return out
 
 
 def _freeze(module: nn.Module) -> None:
@@ -271,16 +294,12 @@ class TextTower(_Tower):
     def encode(self, texts: list[str]) -> Tensor:
         """The backbone on raw captions, never remembered (the feature cache stores its own).
 
-        Captions go in length-sorted chunks (character length stands in for token length, which
-        keeps tokenisation, and its padding side, to the model); rows come back in input order.
+        ``chunk_size`` captions at a time, sorted by length (:func:`encode_by_length`).
         """
-        size = self.config.chunk_size or max(len(texts), 1)
-        if len(texts) <= size:
+        size = self.config.chunk_size
+        if size is None or len(texts) <= size:
             return self._encode_chunk(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        chunks = [order[start : start + size] for start in range(0, len(order), size)]
-        encoded = torch.cat([self._encode_chunk([texts[i] for i in chunk]) for chunk in chunks])
-        return encoded[torch.tensor(order, device=encoded.device).argsort()]  # input order again
+        return encode_by_length(texts, size, self._encode_chunk)
 
     def _encode_chunk(self, texts: list[str]) -> Tensor:
         tokens = self._tokenize(texts)
