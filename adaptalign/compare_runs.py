@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptalign.atomic_files import write_atomic
 from adaptalign.compare_results import summary_row
 
 TrainImages = int | float | None
@@ -169,7 +170,7 @@ def execute(
             "arguments": command[1:],
             "files": file_digests(command[1:]),
         }
-        (run.folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_atomic(run.folder / "run.json", json.dumps(record, indent=2) + "\n")
     else:
         version = checkpoint.parent.parent.name  # a string, so the logger keeps the folder name
         command += ["--ckpt_path", str(checkpoint), "--trainer.logger.version", version]
