@@ -14,9 +14,19 @@ the pair's long-tail caption cluster, scored against cluster prototypes that cos
     CE_m         = cross-entropy of logits_m against the pair's cluster
     H_m          = mean over rows of the softmax entropy of logits_m   (the variance proxy)
     d_m          = mean |logits_m|, normalised: d_m / (d_image + d_text)   (the dependence)
-    q_m          = (1 / H_m) / (1 / H_image + 1 / H_text)   (the inverse-variance share)
+    s_m          = max(H_m / (H_image + H_text), floor)   (the entropy share, floored)
+    q_m          = (1 / s_m) / (1 / s_image + 1 / s_text)   (the inverse-variance share)
     (w_image, w_text) = softmax(T * [d_text * q_image, d_image * q_text])
-    loss        += gamma * (CE_image + CE_text)                  (the bias term, ``arl_bias``)
+    loss        += b * (CE_image + CE_text)                      (the bias term, ``arl_bias``)
+
+As in the reference implementation, ``floor`` (``entropy_share_floor``) is 0.3 and the bias
+weight ``b`` is 1 during the warm-up epochs (``warmup_bias_weight``) and ``gamma`` after them.
+The floor raises only the smaller share (the two sum to 1), so it keeps ``q`` within
+[floor, 1] / (1 + floor), i.e. [0.231, 0.769]: raw shares (0.1, 0.9) become (0.3, 0.9), so
+q = (0.75, 0.25) instead of (0.9, 0.1); shares of 0.3 or more are left alone. There the floor
+acts on each batch's entropies; here on the smoothed ones, which the weights use. A floor of 0 (or
+None) gives the plain inverse-entropy share; a ``warmup_bias_weight`` of None weights the bias term
+by ``gamma`` throughout.
 
 A step predicts against the prototypes of the steps before it; clusters not yet seen are masked
 out of both predictions. The update runs after the step, in ``on_train_batch_end``, from detached
@@ -37,6 +47,7 @@ get the scale 1.5: the gradient size does not jump when the weights switch on, o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -52,22 +63,45 @@ from adaptalign.lightning_modules.gather import distributed_world
 
 _EPS = 1e-8
 MISSING_CLUSTERS = "ARL needs caption clusters: set data.clusters"
+ENTROPY_SHARE_FLOOR = 0.3  # the published implementation's floor on H_m / (H_image + H_text)
 
 
 # --------------------------------------------------------------------------- pure math
-def arl_weights(entropy: Tensor, dependence: Tensor, temperature: float) -> Tensor:
+def inverse_entropy_shares(
+    entropy: Tensor, share_floor: float | None = ENTROPY_SHARE_FLOOR
+) -> Tensor:
+    """(q_image, q_text): each modality's inverse-entropy share, its entropy share floored first.
+
+    The floor applies to ``H_m / (H_image + H_text)``, so no modality's entropy counts as less than
+    ``share_floor`` of the total however confident its predictions. Raising the entropy itself to
+    ``share_floor * (H_image + H_text)`` is the same, as ``q`` does not change when both entropies
+    are scaled; a floor of 0 or None leaves the entropies, and the shares, exactly as they were.
+    """
+    entropy = entropy.clamp_min(_EPS)
+    if share_floor:
+        entropy = torch.maximum(entropy, share_floor * entropy.sum())
+    inverse = 1.0 / entropy
+    return inverse / inverse.sum()
+
+
+def arl_weights(
+    entropy: Tensor,
+    dependence: Tensor,
+    temperature: float,
+    share_floor: float | None = ENTROPY_SHARE_FLOOR,
+) -> Tensor:
     """(w_image, w_text) from per-modality entropies and (raw or normalised) dependences.
 
     A modality whose predictions vary less (lower entropy) and that the other modality depends on
     more gets the larger weight; ``temperature`` sharpens the split (0 gives equal weights).
+    ``share_floor`` is the floor on the entropy shares (see ``inverse_entropy_shares``).
     """
     if entropy.shape != (2,) or dependence.shape != (2,):
         raise ValueError(
             f"entropy and dependence must have shape (2,), got {tuple(entropy.shape)} and "
             f"{tuple(dependence.shape)}"
         )
-    inverse = 1.0 / entropy.clamp_min(_EPS)
-    share = inverse / inverse.sum()
+    share = inverse_entropy_shares(entropy, share_floor)
     dep = dependence / dependence.sum().clamp_min(_EPS)
     scores = torch.stack([dep[1] * share[0], dep[0] * share[1]])
     return torch.softmax(temperature * scores, dim=0)
@@ -149,6 +183,11 @@ def auxiliary_terms(
     return AuxiliaryTerms(torch.stack(cross), torch.stack(entropy), torch.stack(dependence), rows)
 
 
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool (NaN passes here and fails the range checks)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _gather_rows(x: Tensor) -> Tensor:
     """All ranks' rows of ``x`` in rank order (ranks may hold different counts); no gradient."""
     _, world = distributed_world()
@@ -176,9 +215,14 @@ class ARL(L.Callback):
     """Writes ARL's tower gradient scales and bias term into the system's controls every step.
 
     Args:
-        gamma: weight of the bias term ``CE_image + CE_text`` in the loss.
+        gamma: weight of the bias term ``CE_image + CE_text`` in the loss after the warm-up.
         temperature: T, the sharpness of the softmax that turns the scores into weights.
         warmup_epochs: epochs with equal weights (0.5, 0.5) while prototypes and statistics settle.
+        entropy_share_floor: floor on each modality's entropy share ``H_m / (H_image + H_text)``
+            before the inverse-entropy shares ``q`` are taken: 0.3 as published, which keeps ``q``
+            in [0.231, 0.769]; 0 or None for no floor. Values in [0, 0.5).
+        warmup_bias_weight: weight of the bias term during the warm-up epochs: 1 as published
+            (a fixed weight while the modality weights are equal); None for ``gamma`` throughout.
         momentum: EMA momentum of the prototypes and of the entropy/dependence statistics.
         aux_temperature: temperature of the auxiliary cluster predictions (logit scale 1/it).
         num_clusters: prototype count; default the data module's number of caption clusters.
@@ -192,6 +236,8 @@ class ARL(L.Callback):
         momentum: float = 0.9,
         aux_temperature: float = 0.1,
         num_clusters: int | None = None,
+        entropy_share_floor: float | None = ENTROPY_SHARE_FLOOR,
+        warmup_bias_weight: float | None = 1.0,
     ) -> None:
         if gamma < 0:
             raise ConfigurationError(f"gamma={gamma!r}; expected >= 0")
@@ -213,12 +259,28 @@ class ARL(L.Callback):
             raise ConfigurationError(
                 f"num_clusters={num_clusters!r}; expected an integer >= 1 or null (from the data)"
             )
+        if entropy_share_floor is not None and (
+            not _is_number(entropy_share_floor) or not 0 <= entropy_share_floor < 0.5
+        ):
+            raise ConfigurationError(
+                f"entropy_share_floor={entropy_share_floor!r}; expected a value in [0, 0.5) "
+                "or null (no floor)"
+            )
+        if warmup_bias_weight is not None and (
+            not _is_number(warmup_bias_weight) or not 0 <= warmup_bias_weight < math.inf
+        ):
+            raise ConfigurationError(
+                f"warmup_bias_weight={warmup_bias_weight!r}; expected a finite value >= 0 "
+                "or null (gamma during the warm-up too)"
+            )
         self.gamma = gamma
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
         self.momentum = momentum
         self.aux_temperature = aux_temperature
         self.requested_clusters = num_clusters
+        self.entropy_share_floor = entropy_share_floor
+        self.warmup_bias_weight = warmup_bias_weight
         self.num_clusters = num_clusters
         self.prototypes: Tensor | None = None  # [num_clusters, dim], created at the first step
         self.seen: Tensor | None = None  # [num_clusters] bool
@@ -232,7 +294,15 @@ class ARL(L.Callback):
         """(w_image, w_text) for a step of ``epoch``: equal in warm-up or before any statistics."""
         if epoch < self.warmup_epochs or self.entropy is None or self.dependence is None:
             return torch.tensor([0.5, 0.5])
-        return arl_weights(self.entropy, self.dependence, self.temperature)
+        return arl_weights(
+            self.entropy, self.dependence, self.temperature, self.entropy_share_floor
+        )
+
+    def bias_weight(self, epoch: int) -> float:
+        """The bias term's weight for a step of ``epoch``: ``warmup_bias_weight`` in warm-up."""
+        if epoch < self.warmup_epochs and self.warmup_bias_weight is not None:
+            return self.warmup_bias_weight
+        return self.gamma
 
     # ------------------------------------------------------------------- bias term
     def bias_loss(self, view: StepEmbeddings) -> Tensor:
@@ -307,11 +377,13 @@ class ARL(L.Callback):
         # Multiplied into what other callbacks wrote, so methods compose in any order.
         old = controls.tower_grad_scale
         controls.tower_grad_scale = (old[0] * (1.0 + w_image), old[1] * (1.0 + w_text))
-        controls.add_extra_loss("arl_bias", self.gamma, self.bias_loss)
+        bias_weight = self.bias_weight(trainer.current_epoch)
+        controls.add_extra_loss("arl_bias", bias_weight, self.bias_loss)
         self._pending = None
         if writes_logs(trainer):
             pl_module.log("arl/w_image", w_image, on_step=True)
             pl_module.log("arl/w_text", w_text, on_step=True)
+            pl_module.log("arl/bias_weight", bias_weight, on_step=True)
 
     def on_train_batch_end(
         self,
