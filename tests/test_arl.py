@@ -18,6 +18,7 @@ from adaptalign.callbacks.arl import (
     arl_weights,
     auxiliary_logits,
     auxiliary_terms,
+    inverse_entropy_shares,
     update_prototypes,
 )
 from adaptalign.datamodules.clusters import ClusterConfig
@@ -41,9 +42,16 @@ def entropy(values: list[float]) -> float:
     return -sum(p * math.log(p) for p in softmax(values))
 
 
-def hand_weights(h: list[float], d: list[float], temperature: float) -> list[float]:
-    q_image = (1 / h[0]) / (1 / h[0] + 1 / h[1])
-    q_text = (1 / h[1]) / (1 / h[0] + 1 / h[1])
+def hand_shares(h: list[float], floor: float = 0.3) -> list[float]:
+    """q as the reference implementation computes it: entropy shares, floored, inverted, shared."""
+    s_image, s_text = max(h[0] / (h[0] + h[1]), floor), max(h[1] / (h[0] + h[1]), floor)
+    return [(1 / s_image) / (1 / s_image + 1 / s_text), (1 / s_text) / (1 / s_image + 1 / s_text)]
+
+
+def hand_weights(
+    h: list[float], d: list[float], temperature: float, floor: float = 0.3
+) -> list[float]:
+    q_image, q_text = hand_shares(h, floor)
     d_image, d_text = d[0] / (d[0] + d[1]), d[1] / (d[0] + d[1])
     return softmax([temperature * d_text * q_image, temperature * d_image * q_text])
 
@@ -128,6 +136,56 @@ def test_weights_favour_the_confident_modality_the_other_depends_on() -> None:
     assert float(w.sum()) == pytest.approx(1.0)
     zero_t = arl_weights(torch.tensor([0.8, 1.6]), torch.tensor([3.0, 1.0]), temperature=0.0)
     assert zero_t.tolist() == pytest.approx([0.5, 0.5])
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_entropy_share_floor_by_hand(order: tuple[int, int]) -> None:
+    """Entropy shares (0.1, 0.9) are floored to (0.3, 0.9): q = (0.75, 0.25), not (0.9, 0.1)."""
+    h = torch.tensor([0.2, 1.8])[list(order)]  # shares 0.1 and 0.9, either modality confident
+    confident, other = order.index(0), order.index(1)
+    plain = inverse_entropy_shares(h, None)
+    assert plain[confident] == pytest.approx(0.9) and plain[other] == pytest.approx(0.1)
+    floored = inverse_entropy_shares(h, 0.3)
+    # 1 / 0.3 = 10/3 and 1 / 0.9 = 10/9, so q = (10/3) / (40/9) = 0.75 for the confident one.
+    assert floored[confident] == pytest.approx(0.75) and floored[other] == pytest.approx(0.25)
+    assert floored.tolist() == pytest.approx(hand_shares(h.tolist(), 0.3))
+    # The weights are the softmax of the scores built from the floored shares.
+    d = torch.tensor([0.4, 0.6])
+    q = [0.75, 0.25] if order == (0, 1) else [0.25, 0.75]
+    expected = softmax([4.0 * 0.6 * q[0], 4.0 * 0.4 * q[1]])
+    assert arl_weights(h, d, 4.0).tolist() == pytest.approx(expected, abs=1e-7)  # the default
+    assert arl_weights(h, d, 4.0, 0.3).tolist() == pytest.approx(expected, abs=1e-7)
+    unfloored = softmax([4.0 * 0.6 * float(plain[0]), 4.0 * 0.4 * float(plain[1])])
+    assert arl_weights(h, d, 4.0, None).tolist() == pytest.approx(unfloored, abs=1e-7)
+    assert abs(unfloored[0] - expected[0]) > 0.05
+
+
+def test_entropy_share_floor_bounds_and_its_off_switch() -> None:
+    # Shares of 0.3 or more are left alone: (0.3, 0.7) gives q = (0.7, 0.3) with or without it.
+    assert inverse_entropy_shares(torch.tensor([0.6, 1.4]), 0.3).tolist() == pytest.approx(
+        [0.7, 0.3]
+    )
+    # The confident modality's q is at most 1 / (1 + floor), its partner's at least f / (1 + f).
+    extreme = inverse_entropy_shares(torch.tensor([1e-6, 1.0]), 0.3)
+    assert extreme.tolist() == pytest.approx([1 / 1.3, 0.3 / 1.3], abs=1e-5)
+    # Off (None or 0): exactly the plain inverse-entropy share the weights used without a floor.
+    h = torch.tensor([0.3137, 2.2411])
+    inverse = 1.0 / h
+    for off in (None, 0, 0.0):
+        assert torch.equal(inverse_entropy_shares(h, off), inverse / inverse.sum())
+    assert not torch.allclose(inverse_entropy_shares(h, 0.3), inverse / inverse.sum())
+
+
+def test_callback_weights_use_the_configured_floor() -> None:
+    h, d = [0.2, 1.8], [0.3, 0.7]
+    for floor, hand_floor in ((0.3, 0.3), (0.2, 0.2), (None, 0.0), (0.0, 0.0)):
+        arl = ARL(num_clusters=3, warmup_epochs=0, entropy_share_floor=floor)
+        arl.entropy, arl.dependence = torch.tensor(h), torch.tensor(d)
+        fake = FakeModule()
+        arl.on_train_batch_start(SimpleNamespace(current_epoch=0), fake, {"cluster": 0}, 0)
+        w = hand_weights(h, d, 4.0, hand_floor)
+        assert fake.controls.tower_grad_scale == pytest.approx((1 + w[0], 1 + w[1]), abs=1e-6)
+    assert ARL().entropy_share_floor == 0.3
 
 
 def test_prototype_ema_by_hand_without_gradients() -> None:
@@ -266,6 +324,51 @@ def test_warmup_gives_equal_weights_then_arl_weights() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, [1.0, 1.0, 4.0, 4.0]),  # the default: 1 in the warm-up, gamma after
+        ({"gamma": 0.5}, [1.0, 1.0, 0.5, 0.5]),
+        ({"warmup_bias_weight": 0.25}, [0.25, 0.25, 4.0, 4.0]),
+        ({"warmup_bias_weight": 0.0}, [0.0, 0.0, 4.0, 4.0]),
+        ({"warmup_bias_weight": None}, [4.0, 4.0, 4.0, 4.0]),  # off: gamma throughout
+        ({"warmup_epochs": 0}, [4.0, 4.0, 4.0, 4.0]),  # no warm-up, no warm-up weight
+    ],
+)
+def test_bias_weight_per_epoch(settings: dict, expected: list[float]) -> None:
+    """The weight the bias term gets in the controls: warm-up epochs 0 and 1, then 2 and 3."""
+    arl = ARL(num_clusters=3, **{"warmup_epochs": 2, **settings})
+    module = FakeModule()
+    steps = make_steps(4, rows=6)
+    for epoch, (image, text, labels) in enumerate(steps):
+        controls = run_step(arl, module, epoch, image, text, labels)
+        weight, _ = controls.extra_losses["arl_bias"]
+        assert weight == expected[epoch], epoch
+        assert module.logged["arl/bias_weight"] == expected[epoch]
+
+
+def test_the_loss_adds_the_bias_term_at_its_epoch_weight(tiny_text_model: str) -> None:
+    """What the system optimises: the alignment loss plus 1 x bias in warm-up, gamma x after."""
+    module = tiny_module(tiny_text_model, temperature=0.1)
+    arl = ARL(num_clusters=3, warmup_epochs=1, gamma=4.0)
+    arl.prototypes = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(3)))
+    arl.seen = torch.tensor([True, True, True])
+    arl.entropy, arl.dependence = torch.tensor([0.5, 0.9]), torch.tensor([0.3, 0.7])
+    g = torch.Generator().manual_seed(4)
+    image = F.normalize(torch.randn(5, 16, generator=g), dim=1)
+    text = F.normalize(torch.randn(5, 16, generator=g), dim=1)
+    batch = {"cluster": torch.tensor([0, 1, 1, 2, 0])}
+    alignment, _, _ = module.contrastive_loss(image, text, batch, Controls())
+    for epoch, weight in ((0, 1.0), (1, 4.0)):
+        fake = FakeModule()
+        arl.on_train_batch_start(SimpleNamespace(current_epoch=epoch), fake, batch, 0)
+        loss, parts, _ = module.contrastive_loss(image, text, batch, fake.controls)
+        bias = float(parts["arl_bias"])
+        assert bias > 1.0
+        expected = float(alignment.detach()) + weight * bias
+        assert float(loss.detach()) == pytest.approx(expected, abs=1e-5), epoch
+
+
 def test_statistics_are_an_ema_of_step_statistics() -> None:
     arl = ARL(num_clusters=3, warmup_epochs=0, momentum=0.8)
     module = FakeModule()
@@ -368,7 +471,7 @@ class Probe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         controls = outputs["controls"]
         self.rows[-1]["used"] = controls.tower_grad_scale
-        self.rows[-1]["bias"] = "arl_bias" in controls.extra_losses
+        self.rows[-1]["bias"] = controls.extra_losses["arl_bias"][0]
 
 
 def test_fit_applies_the_weights_and_the_bias_term(tiny_text_model: str, tmp_path: Path) -> None:
@@ -385,8 +488,9 @@ def test_fit_applies_the_weights_and_the_bias_term(tiny_text_model: str, tmp_pat
     assert arl.num_clusters == len(data.caption_clusters.sizes) == 4
     assert len(probe.rows) == 12  # 48 / 8 batches x 2 epochs
     for row in probe.rows:
-        assert row["used"] == row["written"] and row["bias"]
+        assert row["used"] == row["written"]
         assert row["written"] == pytest.approx(row["hand"], abs=1e-6)
+        assert row["bias"] == (1.0 if row["epoch"] == 0 else 4.0)  # warm-up weight, then gamma
     assert all(r["written"] == (1.5, 1.5) for r in probe.rows if r["epoch"] == 0)
     assert all(r["written"] != (1.5, 1.5) for r in probe.rows if r["epoch"] == 1)
     metrics = trainer.callback_metrics
@@ -420,6 +524,15 @@ def test_missing_clusters_is_a_clear_error() -> None:
         ({"aux_temperature": 0.0}, r"aux_temperature=0.0; expected > 0"),
         ({"warmup_epochs": -1}, r"warmup_epochs=-1; expected an integer >= 0"),
         ({"num_clusters": 0}, r"num_clusters=0; expected an integer >= 1"),
+        ({"entropy_share_floor": 0.5}, r"entropy_share_floor=0.5; expected a value in \[0, 0.5\)"),
+        ({"entropy_share_floor": -0.1}, r"entropy_share_floor=-0.1; expected a value in \[0, 0"),
+        ({"entropy_share_floor": float("nan")}, r"entropy_share_floor=nan; expected a value in"),
+        ({"entropy_share_floor": True}, r"entropy_share_floor=True; expected a value in"),
+        ({"entropy_share_floor": "0.3"}, r"entropy_share_floor='0.3'; expected a value in"),
+        ({"warmup_bias_weight": -1.0}, r"warmup_bias_weight=-1.0; expected a finite value >= 0"),
+        ({"warmup_bias_weight": math.inf}, r"warmup_bias_weight=inf; expected a finite value"),
+        ({"warmup_bias_weight": float("nan")}, r"warmup_bias_weight=nan; expected a finite"),
+        ({"warmup_bias_weight": False}, r"warmup_bias_weight=False; expected a finite value"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
