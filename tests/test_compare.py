@@ -17,6 +17,7 @@ import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from scipy import stats
 
+from adaptalign.callbacks import run_summary
 from adaptalign.callbacks.run_summary import RunSummary
 from adaptalign.compare import build_parser, main, own_options, resolve_settings, split_overrides
 from adaptalign.compare_results import (
@@ -136,10 +137,18 @@ def fake_trainer(epoch: int, metrics: dict[str, float], sanity: bool = False) ->
     )
 
 
+def fake_clock(monkeypatch: pytest.MonkeyPatch, start: float) -> list[float]:
+    """The run summary's clock, set by hand: ``now[0] = t`` moves it."""
+    now = [start]
+    monkeypatch.setattr(run_summary, "clock", lambda: now[0])
+    return now
+
+
 def test_run_summary_keeps_best_last_and_history_across_a_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    now = fake_clock(monkeypatch, 100.0)
     target = tmp_path / "run" / "summary.json"
     first = RunSummary(str(target))
     first.on_fit_start(None, None)
@@ -147,12 +156,15 @@ def test_run_summary_keeps_best_last_and_history_across_a_resume(
     for epoch, rsum in ((0, 100.0), (1, 150.0)):
         metrics = {"val/rsum": rsum, "val/i2t_R@1": rsum / 10, "train/loss": 1.0}
         first.on_validation_end(fake_trainer(epoch, metrics), None)
-    state = first.state_dict()
+    now[0] = 112.5
+    state = first.state_dict()  # its checkpoint, 12.5 s in; then it is killed
 
     resumed = RunSummary(str(target))  # as a run restarted from its checkpoint
     resumed.load_state_dict(state)
+    now[0] = 500.0
     resumed.on_fit_start(None, None)
     resumed.on_validation_end(fake_trainer(2, {"val/rsum": 120.0, "val/i2t_R@1": 12.0}), None)
+    now[0] = 504.25
     resumed.on_fit_end(fake_trainer(3, {}), None)
 
     summary = json.loads(target.read_text())
@@ -161,11 +173,58 @@ def test_run_summary_keeps_best_last_and_history_across_a_resume(
     assert summary["last"]["epoch"] == 2 and summary["last"]["rsum"] == 120.0
     assert summary["seed"] == 7 and summary["train_size"] == 48
     assert summary["epochs"] == 3 and summary["global_step"] == 12
-    assert summary["wall_seconds"] >= round(state["wall_seconds"], 3) >= 0  # times add up
-    assert [p.name for p in target.parent.iterdir()] == ["summary.json"]  # no temporary left
+    assert summary["wall_seconds"] == 12.5 + 4.25  # up to the checkpoint, plus the second attempt
+    # no temporary left; the clock file names this chain of attempts
+    assert sorted(p.name for p in target.parent.iterdir()) == ["summary.clock.json", "summary.json"]
 
     csv_row = summary_row("x", "16", 7, summary)
     assert (csv_row["best_epoch"], csv_row["rsum"], csv_row["last_rsum"]) == (1, 150.0, 120.0)
+
+
+def test_a_resumed_attempt_counts_the_time_its_predecessor_spent_after_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished attempt whose summary is gone resumes from its last checkpoint: its time after
+    that checkpoint (the rest of fit) is still counted, and a clock of another run never is."""
+    now = fake_clock(monkeypatch, 0.0)
+    target = tmp_path / "summary.json"
+    first = RunSummary(str(target))
+    first.on_fit_start(None, None)
+    now[0] = 30.0
+    state = first.state_dict()  # the last checkpoint, at 30 s
+    now[0] = 35.5
+    first.on_fit_end(fake_trainer(1, {}), None)
+    assert json.loads(target.read_text())["wall_seconds"] == 35.5
+    target.unlink()
+
+    second = RunSummary(str(target))
+    second.load_state_dict(state)
+    now[0] = 200.0
+    second.on_fit_start(None, None)
+    now[0] = 202.0
+    second.on_fit_end(fake_trainer(1, {}), None)
+    assert json.loads(target.read_text())["wall_seconds"] == 35.5 + 2.0  # not 30 + 2
+
+    other = RunSummary(str(target))  # a checkpoint of another run, resumed into the same path
+    other.load_state_dict({**state, "run_id": "another run"})
+    assert other.wall_seconds() == 30.0
+
+
+def test_an_attempt_stopped_by_an_error_records_its_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = fake_clock(monkeypatch, 10.0)
+    target = tmp_path / "summary.json"
+    first = RunSummary(str(target))
+    first.on_fit_start(None, None)
+    now[0] = 14.0
+    state = first.state_dict()
+    now[0] = 19.0
+    first.on_exception(fake_trainer(0, {}), None, KeyboardInterrupt())
+    assert not target.exists()  # not finished
+    second = RunSummary(str(target))
+    second.load_state_dict(state)
+    assert second.wall_seconds() == 9.0
 
 
 # ----------------------------------------------------------------------------- settings
@@ -408,7 +467,9 @@ def test_an_interrupted_run_goes_on_from_its_last_checkpoint(
     assert sorted(p.name for p in folder.glob("version_*")) == ["version_0"]
     after = json.loads((folder / "summary.json").read_text())
     assert after["history"] == before["history"] and after["global_step"] == step
-    assert after["wall_seconds"] >= before["wall_seconds"]  # the attempts' times add up
+    # The attempts' times add up: the second adds its own (>= 0) to the first's whole time, which
+    # its clock file kept although the summary was deleted.
+    assert after["wall_seconds"] >= before["wall_seconds"]
     attempts = (folder / "log.txt").read_text().split("\n$ ")
     assert len(attempts) == 2 and f"--ckpt_path {last}" in attempts[1]
 

@@ -2,6 +2,12 @@
 
 Comparisons across configs, seeds and data sizes read these files instead of parsing logs; the
 file appears only when ``fit`` ends, so its presence also marks a run as finished.
+
+``wall_seconds`` adds up the time of every attempt at a run. A checkpoint carries the time up to
+its writing, and each attempt that ends (finished, or stopped by an error or Ctrl-C) records its
+total in a clock file beside the summary, so an attempt that resumes from a checkpoint also counts
+what the previous attempt spent after writing it. Only an attempt killed outright loses the time
+since its last checkpoint.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,6 +25,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from adaptalign.atomic_files import write_atomic
 
 PREFIX = "val/"
+# The clock ``wall_seconds`` counts with (tests replace it, so no result depends on timing).
+clock = time.monotonic
 
 
 def best_entry(history: list[dict[str, Any]], key: str = "rsum") -> dict[str, Any] | None:
@@ -32,7 +42,8 @@ class RunSummary(L.Callback):
 
     ``best`` is the validation with the highest ``val/rsum``: model selection on the validation
     split itself, so it is an optimistic (dev) figure. The history travels in checkpoints, so a run
-    resumed from one still writes a complete summary; ``wall_seconds`` adds up across resumptions.
+    resumed from one still writes a complete summary; ``wall_seconds`` adds up across resumptions
+    (see the module's docstring), with the help of ``<summary>.clock.json`` beside the summary.
 
     Args:
         output_path: the JSON file to write (its folder is created).
@@ -43,13 +54,23 @@ class RunSummary(L.Callback):
         self.history: list[dict[str, Any]] = []
         self.previous_seconds = 0.0
         self.started: float | None = None
+        # Names the chain of attempts that continue one another, so a clock file left by another
+        # run at the same path is never added in.
+        self.run_id: str | None = None
+
+    @property
+    def clock_path(self) -> Path:
+        path = Path(self.output_path)
+        return path.with_name(f"{path.stem}.clock{path.suffix}")
 
     def wall_seconds(self) -> float:
-        elapsed = 0.0 if self.started is None else time.monotonic() - self.started
+        elapsed = 0.0 if self.started is None else clock() - self.started
         return self.previous_seconds + elapsed
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = time.monotonic()
+        self.started = clock()
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex
 
     # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
     # module's, where the retrieval metrics are computed and logged.
@@ -78,17 +99,48 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        summary = self.summary(trainer)
         # Written whole or not at all: a half-written summary would mark a run as finished.
-        write_atomic(self.output_path, json.dumps(self.summary(trainer), indent=2) + "\n")
+        write_atomic(self.output_path, json.dumps(summary, indent=2) + "\n")
+        self._record_clock(summary["wall_seconds"])
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.is_global_zero and self.started is not None:
+            self._record_clock(self.wall_seconds())
+
+    def _record_clock(self, seconds: float) -> None:
+        record = {"run_id": self.run_id, "wall_seconds": seconds}
+        write_atomic(self.clock_path, json.dumps(record) + "\n")
+
+    def _recorded_seconds(self) -> float:
+        """The total an earlier attempt of this run recorded when it ended; 0 if none did."""
+        try:
+            record = json.loads(self.clock_path.read_text())
+            if self.run_id is not None and record["run_id"] == self.run_id:
+                return float(record["wall_seconds"])
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        return 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "wall_seconds": self.wall_seconds()}
+        return {
+            "history": list(self.history),
+            "wall_seconds": self.wall_seconds(),
+            "run_id": self.run_id,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-        self.previous_seconds = float(state_dict.get("wall_seconds", 0.0))
+        self.run_id = state_dict.get("run_id")
+        # The checkpoint knows the time up to its writing; the attempt that wrote it may have
+        # gone on for a while (to the end of fit, say) and recorded that in the clock file.
+        self.previous_seconds = max(
+            float(state_dict.get("wall_seconds", 0.0)), self._recorded_seconds()
+        )
         if self.started is not None:  # the clock restarts from the restored time
-            self.started = time.monotonic()
+            self.started = clock()
 
 
 def _train_size(trainer: L.Trainer) -> int | None:
