@@ -237,8 +237,46 @@ def test_non_finite_loss_stops_with_the_batch_and_controls(
     message = str(caught.value)
     assert "global step 2, batch 2" in message and "'loss_scale': nan" in message
     assert "image ids [" in message
+    # the temperature in force (learned, unchanged by the failed step), not None; InfoNCE has no
+    # margin to show
+    in_force = f"{float(module.temperature):.4g}"
+    assert in_force != "0.07" and f"'temperature': '{in_force} (model)'" in message
+    assert "margin" not in message
+    newest = tmp_path / "step=2.ckpt"
+    assert message.endswith(f"the newest is {newest}.")
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["step=1.ckpt", "step=2.ckpt"]
     state = torch.load(tmp_path / "step=2.ckpt", weights_only=False)["state_dict"]
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
     # The weights in memory are those of the last good step too: no NaN reached them.
     assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(
+    tiny_text_model: str, cache_dir: Path
+) -> None:
+    """The message never points to a last good checkpoint that does not exist; a schedule's
+    temperature and the max-margin criterion's own margin are the ones shown."""
+    import lightning as L
+
+    from adaptalign.datamodules.datamodule import AlignmentDataModule
+    from adaptalign.datamodules.generated import GeneratedConfig
+    from adaptalign.errors import NonFiniteLossError
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            pl_module.controls.temperature = 0.25
+            pl_module.controls.loss_scale = float("inf")
+
+    data = AlignmentDataModule(
+        generated=GeneratedConfig(num_train=16, num_val=8, num_test=8, image_size=32),
+        batch_size=8,
+    )
+    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[Poison()])
+    module = tiny_module(tiny_text_model, criterion="max_margin", margin=0.3)
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.fit(module, data)
+    message = str(caught.value)
+    assert "global step 0, batch 0" in message
+    assert "'temperature': 0.25" in message and "'margin': '0.3 (model)'" in message
+    assert message.endswith("Training stopped; no checkpoint had been written yet.")
+    assert "last good" not in message

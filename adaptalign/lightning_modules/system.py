@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -260,8 +261,38 @@ class AlignmentModule(L.LightningModule):
             f"non-finite training loss ({float(loss.detach()):g} on this process) at epoch "
             f"{self.current_epoch}, global step {self.global_step}, batch {batch_idx} "
             f"(image ids {shown}{' ...' if len(shown) == 8 else ''}); controls in force: "
-            f"{controls.describe()}. Training stopped; the last checkpoint is the last good one."
+            f"{self._controls_in_force(controls)}. Training stopped; {self._checkpoint_note()}"
         )
+
+    def _controls_in_force(self, controls: Controls) -> dict[str, object]:
+        """The step's controls, with the system's own temperature and margin, marked ``(model)``,
+        where no callback set one."""
+        shown = controls.describe()
+        if controls.temperature is None:
+            shown["temperature"] = f"{float(self.temperature.detach()):.4g} (model)"
+        if self.criterion == "max_margin":
+            if controls.margin is None:
+                shown["margin"] = f"{self.hparams.margin:g} (model)"
+        elif controls.margin is None:
+            del shown["margin"]  # InfoNCE has no margin
+        return shown
+
+    def _checkpoint_note(self) -> str:
+        """Which checkpoint to go on from: the newest one this run wrote or resumed from, if any.
+
+        Every step before this one had a finite loss, so every checkpoint written so far is good.
+        """
+        trainer = self._trainer
+        paths = []
+        for callback in trainer.checkpoint_callbacks if trainer is not None else []:
+            paths += [
+                getattr(callback, name, "") for name in ("last_model_path", "best_model_path")
+            ]
+        written = [Path(p) for p in paths if p and Path(p).is_file()]
+        if not written:
+            return "no checkpoint had been written yet."
+        newest = max(written, key=lambda p: p.stat().st_mtime_ns)
+        return f"every checkpoint written so far is from a good step; the newest is {newest}."
 
     # --------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, metric: RetrievalMetric) -> None:
