@@ -1,4 +1,4 @@
-"""``adaptalign report``: README results rebuilt from finished runs, and nothing else touched."""
+"""``adaptalign report``: the results document and the README summary, rebuilt from the runs."""
 
 from __future__ import annotations
 
@@ -75,11 +75,20 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             "comparison": "done.yaml",
             "intro": "The setting.",
             "findings": "What we saw.",
+            "summary": "Mine beats fixed\nby 16 rsum.",
         },
         {"name": "never", "title": "Never run", "comparison": "never.yaml"},
     ]
     (tmp_path / "report.yaml").write_text(
-        yaml.safe_dump({"readme": "README.md", "figures": "docs/results", "sections": sections})
+        yaml.safe_dump(
+            {
+                "readme": "README.md",
+                "results": "docs/RESULTS.md",
+                "figures": "docs/results",
+                "preamble": "How to read the tables.",
+                "sections": sections,
+            }
+        )
     )
     (tmp_path / "README.md").write_text(README.format(begin=report.BEGIN, end=report.END))
     return tmp_path
@@ -91,15 +100,21 @@ def run_report(*args: str) -> int:
     return exit_info.value.code
 
 
-def test_report_rewrites_only_the_results_section(project: Path) -> None:
+def test_report_writes_the_document_and_only_the_readme_summary(project: Path) -> None:
     assert run_report() == 0
     text = (project / "README.md").read_text()
     before, rest = text.split(report.BEGIN)
-    generated, after = rest.split(report.END)
+    summary, after = rest.split(report.END)
     assert before == README.split("{begin}")[0]
     assert after == README.split("{end}")[1]
-    assert "old tables" not in generated
+    assert "old tables" not in summary
+    # One line per comparison, linked to its section of the document; people's summary on one line.
+    assert "| [Done here](docs/RESULTS.md#done-here) | Mine beats fixed by 16 rsum. |" in summary
+    assert "| [Never run](docs/RESULTS.md#never-run) | see the section |" in summary
 
+    generated = (project / "docs/RESULTS.md").read_text()
+    assert generated.startswith("# Results\n") and "How to read the tables." in generated
+    assert "- [Done here](#done-here)" in generated
     # Means and sample standard deviations over the finished seeds, computed by hand.
     fixed_rsum = statistics.mean([60.0, 120.0]), statistics.stdev([60.0, 120.0])
     assert "| fixed | 100 | 2 | 15.0 ± 7.1 |" in generated
@@ -111,28 +126,53 @@ def test_report_rewrites_only_the_results_section(project: Path) -> None:
     # Noise: rsum per rate, halved at 0.5.
     assert "| rsum at 0 | rsum at 0.5 |" in generated
     assert "| fixed | 100 | 2 | 90.0 ± 42.4 | 45.0 ± 21.2 |" in generated
-    # People's words around the numbers, in order, and both plots written and linked.
+    # People's words around the numbers, in order, and both plots written and linked from the
+    # document's own folder.
     order = [
-        generated.index(s) for s in ("### Done here", "The setting.", "| fixed", "What we saw.")
+        generated.index(s)
+        for s in (
+            "<!-- section: done -->",
+            "## Done here",
+            "The setting.",
+            "| fixed",
+            "What we saw.",
+        )
     ]
     assert order == sorted(order)
     for png in ("done.png", "done_stress.png"):
         assert (project / "docs/results" / png).stat().st_size > 1000
-        assert f"(docs/results/{png})" in generated
+        assert f"(results/{png})" in generated
     # A comparison with no finished run keeps its section and says how to produce it.
-    never = generated[generated.index("### Never run") :]
+    never = generated[generated.index("## Never run") :]
     assert "adaptalign compare --config never.yaml" in never
     assert "Not run yet: 0 of 1 runs have finished." in never and "| config |" not in never
 
-    # Rebuilding from the same runs changes nothing.
+    # Rebuilding from the same runs changes nothing, byte for byte.
     assert run_report() == 0
     assert (project / "README.md").read_text() == text
+    assert (project / "docs/RESULTS.md").read_text() == generated
 
 
-def test_print_leaves_the_readme_alone(project: Path, capsys) -> None:
+def test_only_rebuilds_the_named_sections_and_keeps_the_others(project: Path) -> None:
+    assert run_report() == 0
+    document = project / "docs/RESULTS.md"
+    # Another machine's numbers for "never", and stale ones for "done".
+    edited = document.read_text().replace("Not run yet: 0 of 1 runs have finished.", "KEPT TABLE")
+    document.write_text(edited.replace("| mine | 100 | 2 | 31.0 ± 1.4 |", "| mine | stale |"))
+    assert run_report("--only", "done") == 0
+    text = document.read_text()
+    assert "KEPT TABLE" in text and "Not run yet" not in text
+    assert "| mine | 100 | 2 | 31.0 ± 1.4 |" in text and "stale" not in text
+    # Without --only every section is rebuilt from the runs here.
+    assert run_report() == 0
+    assert "KEPT TABLE" not in document.read_text()
+
+
+def test_print_leaves_the_files_alone(project: Path, capsys) -> None:
     assert run_report("--print") == 0
-    assert "### Done here" in capsys.readouterr().out
+    assert "## Done here" in capsys.readouterr().out
     assert "old tables" in (project / "README.md").read_text()
+    assert not (project / "docs/RESULTS.md").exists()
 
 
 @pytest.mark.parametrize(
@@ -151,8 +191,14 @@ def test_print_leaves_the_readme_alone(project: Path, capsys) -> None:
             ),
             r"sections\[0\]: unknown keys \['colour'\], missing keys \['title'\]",
         ),
+        (
+            lambda p: (p / "report.yaml").write_text(
+                "readme: README.md\nsection: []\nsections: []\n"
+            ),
+            r"report file 'report.yaml': unknown keys \['section'\]",
+        ),
     ],
-    ids=["no-markers", "missing-comparison", "bad-keys"],
+    ids=["no-markers", "missing-comparison", "bad-keys", "bad-file-key"],
 )
 def test_bad_input_names_the_file_and_field(project: Path, change, message: str, capsys) -> None:
     change(project)
@@ -160,3 +206,13 @@ def test_bad_input_names_the_file_and_field(project: Path, change, message: str,
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("adaptalign report: error:")
     assert __import__("re").search(message, err), err
+
+
+def test_only_an_unknown_section_is_refused(project: Path, capsys) -> None:
+    assert run_report("--only", "done", "nevr") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "adaptalign report: error: --only ['nevr']: no such section; expected among "
+        "['done', 'never']"
+    )
+    assert not (project / "docs/RESULTS.md").exists()
