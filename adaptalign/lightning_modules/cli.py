@@ -12,6 +12,8 @@ Settings that cannot work end the command with one clear message rather than a d
 
 from __future__ import annotations
 
+import copy
+import logging
 import sys
 import warnings
 
@@ -19,14 +21,19 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from adaptalign import compare, report, stress_test
 from adaptalign.callbacks import tsne_view
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
+from adaptalign.callbacks.final_report import FinalReport
+from adaptalign.callbacks.parameter_summary import with_parameter_summary
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.records import DatasetFormatError
 from adaptalign.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
+from adaptalign.lightning_modules.checkpoint_settings import warn_replaced_settings
+from adaptalign.lightning_modules.run_folder import EVALUATIONS, command_logger
 from adaptalign.lightning_modules.system import AlignmentModule
 
 ATOMIC_CHECKPOINT_IO = "adaptalign.lightning_modules.checkpoint_io.AtomicCheckpointIO"
@@ -46,6 +53,7 @@ def trainer_defaults() -> dict:
             # saved at the same step, which would leave last.ckpt at the best epoch, not the last.
             ModelCheckpoint(filename="last", enable_version_counter=False),
             EmbeddingWriter(),
+            FinalReport(),
         ],
         "plugins": [{"class_path": ATOMIC_CHECKPOINT_IO}],
     }
@@ -69,13 +77,42 @@ def with_atomic_checkpoints(plugins: object) -> object:
 
 
 class AlignmentCLI(LightningCLI):
-    """The Lightning CLI, with atomic checkpoint writing whatever plugins the user gives."""
+    """The Lightning CLI, with atomic checkpoint writing whatever plugins the user gives, a folder
+    of its own for every run (see ``run_folder``) and the settings a checkpoint replaces named."""
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # FinalReport prints the metrics rounded instead of Lightning's table
+            self.parser.set_defaults({"validate.verbose": False, "test.verbose": False})
+
+    def parse_arguments(self, parser: object, args: object) -> None:
+        super().parse_arguments(parser, args)
+        # Kept before Lightning replaces them with the model settings saved in --ckpt_path.
+        command = self.config.get("subcommand")
+        self.given_model = copy.deepcopy((self.config[command] if command else self.config).model)
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path and rank_zero_only.rank == 0:
+            warn_replaced_settings(ckpt_path, self.given_model, self._get(self.config, "model"))
+        if self.subcommand in EVALUATIONS:  # its checkpoint callbacks' folders are not this run's
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        elif ckpt_path:  # a run resumed in its own folder finds its checkpoints there
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         strategy = trainer_config.get("strategy")
         if getattr(strategy, "_checkpoint_io", None) is None:  # a strategy object may bring one
             kwargs["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
+        kwargs.update(with_parameter_summary(trainer_config))
+        ckpt_path = self._get(self.config, "ckpt_path")
+        logger = command_logger(self.subcommand, self._get(self.config, "trainer"), ckpt_path)
+        if logger is not None:
+            kwargs["logger"] = logger
         return super().instantiate_trainer(**kwargs)
 
 
@@ -92,6 +129,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
+def without_tips(record: logging.LogRecord) -> bool:
+    """Drops Lightning's advertisements for its cloud services (``💡 Tip: ...``) from the output."""
+    return not record.getMessage().startswith("💡 Tip")
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point; user errors print ``adaptalign: error: ...`` and exit with status 2."""
     argv = sys.argv[1:] if args is None else args
@@ -106,6 +148,7 @@ def main(args: list[str] | None = None) -> None:
     # Frozen towers are in eval mode on purpose; say so once in the docs, not at every run.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(without_tips)
     try:
         build_cli(args)
     except (ConfigurationError, DatasetFormatError) as exc:

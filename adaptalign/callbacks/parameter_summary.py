@@ -1,0 +1,78 @@
+"""Lightning's model summary at the start of ``fit``, without its FLOPs column and total.
+
+Lightning counts FLOPs only for a model with an example input, which the alignment system has none
+of (its inputs are an image batch and a tokenized caption batch), so the summary read ``FLOPs 0``
+for every layer and ``Total FLOPs: 0``: a figure that looks measured and is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+DROPPED = "FLOPs"
+
+
+class ParameterSummary(ModelSummary):
+    """Layers with their parameter counts and mode, then the totals; no FLOPs."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        print(
+            summary_text(
+                summary_data,
+                total_parameters,
+                trainable_parameters,
+                model_size,
+                total_training_modes,
+            )
+        )
+
+
+def summary_text(
+    summary_data: list[tuple[str, list[str]]],
+    total_parameters: int,
+    trainable_parameters: int,
+    model_size: float,
+    total_training_modes: dict[str, int],
+) -> str:
+    columns = [(name, [str(v) for v in values]) for name, values in summary_data if name != DROPPED]
+    widths = [max([len(name), *(len(v) for v in values)]) for name, values in columns]
+    lines = [" | ".join(name.ljust(w) for (name, _), w in zip(columns, widths, strict=True))]
+    rows = len(columns[0][1]) if columns else 0
+    for row in range(rows):
+        cells = (values[row].ljust(w) for (_, values), w in zip(columns, widths, strict=True))
+        lines.append(" | ".join(cells))
+    totals = [
+        (get_human_readable_count(trainable_parameters), "trainable parameters"),
+        (get_human_readable_count(total_parameters - trainable_parameters), "non-trainable parameters"),
+        (get_human_readable_count(total_parameters), "parameters in all"),
+        (f"{model_size:,.1f} MB", "of parameters"),
+        (str(total_training_modes.get("eval", 0)), "modules in eval mode"),
+    ]
+    lines += [f"{value:>10} {label}" for value, label in totals]
+    return "\n".join(lines)
+
+
+def with_parameter_summary(trainer_config: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments that put :class:`ParameterSummary` in place of Lightning's summary.
+
+    Nothing changes when the summary is turned off or the user chose a summary callback.
+    """
+    callbacks = trainer_config.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+    if trainer_config.get("enable_model_summary") is False or trainer_config.get("barebones"):
+        return {}
+    if any(isinstance(callback, ModelSummary) for callback in callbacks):
+        return {}
+    return {"callbacks": [*callbacks, ParameterSummary()], "enable_model_summary": False}
