@@ -274,14 +274,19 @@ class _MatmulRecorder(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 100])
-def test_one_chunked_matmul_pass(chunk_size: int) -> None:
+def test_one_chunked_matmul_pass_per_direction(chunk_size: int) -> None:
     images, image_ids, texts, _, text_image_ids = random_dataset(7, 0)
     with _MatmulRecorder() as recorder:
         retrieval_ranks(images, image_ids, texts, text_image_ids, chunk_size)
-    # Each image row is scored against every caption exactly once, never more than a chunk at once.
-    assert recorder.shapes
-    assert all(rows <= chunk_size and cols == texts.shape[0] for rows, cols in recorder.shapes)
-    assert sum(rows for rows, _ in recorder.shapes) == images.shape[0]
+    num_images, num_texts = images.shape[0], texts.shape[0]
+    # Image chunks against every caption, then caption chunks against every image; each pair is
+    # scored once per direction and no product is larger than chunk_size x num_texts.
+    by_image = [rows for rows, cols in recorder.shapes if cols == num_texts]
+    by_text = [rows for rows, cols in recorder.shapes if cols == num_images]
+    assert len(by_image) + len(by_text) == len(recorder.shapes)
+    assert sum(by_image) == num_images and max(by_image) <= chunk_size
+    assert sum(by_text) == num_texts
+    assert all(rows * cols <= chunk_size * num_texts for rows, cols in recorder.shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +427,54 @@ def test_collapsed_embeddings_rank_last_not_first() -> None:
     i2t, t2i = retrieval_ranks(images, torch.arange(4), texts, torch.arange(4).repeat(2))
     assert i2t.tolist() == [6, 6, 6, 6]  # the 6 captions of the other images all tie
     assert t2i.tolist() == [3] * 8  # the 3 other images all tie
+
+
+def test_collapsed_model_with_a_random_embedding_scores_zero() -> None:
+    """All 40 images and 200 captions equal one random 256-d unit vector: every score ties.
+
+    Unlike ones / sqrt(2), a random vector's dot product is rounded; the positive must be rounded
+    exactly as the competitors are, or a tie turns into a win. Ten vectors, two chunkings.
+    """
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        vector = torch.nn.functional.normalize(torch.randn(256, generator=g), dim=0)
+        images, texts = vector.expand(40, 256), vector.expand(200, 256)
+        image_ids = torch.arange(40)
+        for chunk_size in (7, 1024):
+            out = metric_on(
+                images, image_ids, texts, image_ids.repeat_interleave(5), chunk_size=chunk_size
+            )
+            assert out["rsum"].item() == 0.0, (seed, chunk_size)
+            assert (out["i2t_medr"].item(), out["t2i_medr"].item()) == (196.0, 40.0)
+
+
+def test_an_exact_duplicate_of_the_right_image_ties_against_the_caption() -> None:
+    """Every image twice (rows k and k + 30), captions noisy copies: each twin ties exactly.
+
+    With twins every other image also comes twice, so a caption's rank is twice its rank among
+    the 30 distinct images plus one for its own image's twin, in every chunking.
+    """
+    dim, distinct = 256, 30
+    for seed in (0, 2):  # seeds whose data has no near-tie (checked below)
+        g = torch.Generator().manual_seed(seed)
+        base = torch.nn.functional.normalize(torch.randn(distinct, dim, generator=g), dim=1)
+        images = torch.cat([base, base])
+        owner = torch.arange(2 * distinct).repeat_interleave(3)
+        noise = 0.35 * torch.randn(owner.numel(), dim, generator=g)
+        texts = torch.nn.functional.normalize(images[owner] + noise, dim=1)
+
+        # Ranks among the distinct images, in float64 with no near-ties.
+        sim = texts.double() @ base.double().T
+        positive = sim.gather(1, (owner % distinct)[:, None])
+        gaps = (sim - positive).abs()
+        gaps.scatter_(1, (owner % distinct)[:, None], math.inf)
+        assert float(gaps.min()) > 1e-4
+        distinct_ranks = (sim >= positive).sum(dim=1) - 1
+        assert int(distinct_ranks.max()) > 0  # not all trivially first
+
+        for chunk_size in (7, 1024):
+            _, t2i = retrieval_ranks(images, torch.arange(2 * distinct), texts, owner, chunk_size)
+            assert t2i.tolist() == (2 * distinct_ranks + 1).tolist(), (seed, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,17 @@
 Ranks are counted, never sorted: the rank of a query is the number of wrong candidates scoring at
 least as high as its positive, so ties count against the query (a collapsed model whose embeddings
 all coincide scores zero, not perfect) and no ``num_images x num_texts`` ranking is ever stored.
-The similarity is computed one chunk of images at a time and each chunk serves both directions,
-which keeps memory at ``chunk_size x num_texts`` while reading the text embeddings once per chunk.
+
+A query's positive and its competitors are read from the same row of one matrix product, so equal
+embeddings give bit-equal scores. A positive computed apart (e.g. as an elementwise product-sum)
+rounds differently in float32 from the product that scores the others, which turns ties into wins:
+an exact duplicate of the right image could rank below it, and a collapsed model of 40 images on
+one random 256-d vector would score an rsum of 300 instead of 0 for 38 of 100 vectors. Each
+direction therefore has its own pass: image->text over chunks of ``chunk_size`` images, each scored
+against every caption, and text->image over chunks of captions, each scored against every image,
+as many per chunk as fit in the same ``chunk_size x num_texts`` buffer. The second product makes
+the metric about 1.3x slower than one pass shared by both directions (5,000 x 25,000, 2 cores);
+memory is unchanged.
 
 * image->text: an image is found as soon as its best caption is found, so its rank is the number of
   other images' captions scoring at least as high as the best of its own captions.
@@ -85,8 +94,8 @@ def retrieval_ranks(
 
     Embeddings are expected L2-normalised, so the dot product (in float32) is the cosine
     similarity. ``text_image_ids[t]`` names caption ``t``'s image among ``image_ids``, which must be
-    unique; every image needs at least one caption. One matmul pass over chunks of ``chunk_size``
-    images serves both directions.
+    unique; every image needs at least one caption. Scores are computed ``chunk_size`` images (or
+    the same number of scores' worth of captions) at a time, once per direction.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -104,41 +113,58 @@ def retrieval_ranks(
     num_images, num_texts = images.shape[0], texts.shape[0]
     owner = _caption_owner(image_ids.to(device).long(), text_image_ids.to(device).long())
 
-    # Captions grouped by image row: each chunk's positives are one contiguous slice.
+    # Scores for both directions live in one reused buffer: fresh large allocations would be paged
+    # in every time. Text chunks take as many captions as fit in the image chunks' space.
+    image_rows = min(chunk_size, num_images)
+    text_rows = min(max(1, image_rows * num_texts // num_images), num_texts)
+    sim_buffer = torch.empty(image_rows * num_texts, dtype=torch.float32, device=device)
+    mask_buffer = torch.empty(image_rows * num_texts, dtype=torch.bool, device=device)
+    return (
+        _image_to_text(images, texts, owner, image_rows, sim_buffer, mask_buffer),
+        _text_to_image(images, texts, owner, text_rows, sim_buffer, mask_buffer),
+    )
+
+
+def _image_to_text(
+    images: Tensor, texts: Tensor, owner: Tensor, rows: int, sim_buffer: Tensor, mask: Tensor
+) -> Tensor:
+    """Per image, the other images' captions scoring at least as high as its best own caption."""
+    num_images, num_texts = images.shape[0], texts.shape[0]
+    # Captions grouped by image row: each chunk's own captions are one contiguous slice.
     order = torch.argsort(owner, stable=True)
     owner_sorted = owner[order]
-    chunk_starts = torch.arange(0, num_images, chunk_size, device=device)
+    chunk_starts = torch.arange(0, num_images, rows, device=images.device)
     bounds = [*torch.searchsorted(owner_sorted, chunk_starts).tolist(), num_texts]
-
-    # The caption's score against its own image is the threshold every other image must beat. The
-    # positive itself is excluded by the id mask below, so this value never counts against itself.
-    positive = (images[owner] * texts).sum(dim=1)
-
-    # Counting in the narrowest integer type that cannot overflow roughly halves the time of the
-    # reductions, which rival the matmul itself on CPU.
-    column_dtype = torch.int16 if chunk_size < 2**15 else torch.int32
-    # Buffers are reused across chunks: fresh large allocations would be paged in every time.
-    buffer_rows = min(chunk_size, num_images)
-    sim_buffer = torch.empty(buffer_rows, num_texts, dtype=torch.float32, device=device)
-    mask_buffer = torch.empty(buffer_rows, num_texts, dtype=torch.bool, device=device)
-    i2t = torch.empty(num_images, dtype=torch.long, device=device)
-    t2i = torch.zeros(num_texts, dtype=torch.long, device=device)
-    for chunk, start in enumerate(range(0, num_images, chunk_size)):
-        stop = min(start + chunk_size, num_images)
-        sim = torch.mm(images[start:stop], texts.T, out=sim_buffer[: stop - start])
+    i2t = torch.empty(num_images, dtype=torch.long, device=images.device)
+    for chunk, start in enumerate(range(0, num_images, rows)):
+        stop = min(start + rows, num_images)
+        size = (stop - start) * num_texts
+        sim = torch.mm(images[start:stop], texts.T, out=sim_buffer[:size].view(-1, num_texts))
         cols = order[bounds[chunk] : bounds[chunk + 1]]
-        rows = owner_sorted[bounds[chunk] : bounds[chunk + 1]] - start
-
+        own = owner_sorted[bounds[chunk] : bounds[chunk + 1]] - start
         best_own = sim.new_full((stop - start,), float("-inf"))
-        best_own.scatter_reduce_(0, rows, sim[rows, cols], reduce="amax")
-        above_best = torch.ge(sim, best_own[:, None], out=mask_buffer[: stop - start])
-        above_best[rows, cols] = False  # own captions are not competitors
-        i2t[start:stop] = above_best.sum(dim=1, dtype=torch.int32)
+        best_own.scatter_reduce_(0, own, sim[own, cols], reduce="amax")
+        above = torch.ge(sim, best_own[:, None], out=mask[:size].view(-1, num_texts))
+        above[own, cols] = False  # own captions are not competitors
+        i2t[start:stop] = above.sum(dim=1, dtype=torch.int32)
+    return i2t
 
-        beats = torch.ge(sim, positive[None, :], out=mask_buffer[: stop - start])
-        beats[rows, cols] = False
-        t2i += beats.sum(dim=0, dtype=column_dtype)
-    return i2t, t2i
+
+def _text_to_image(
+    images: Tensor, texts: Tensor, owner: Tensor, rows: int, sim_buffer: Tensor, mask: Tensor
+) -> Tensor:
+    """Per caption, the images other than its own scoring at least as high as its own."""
+    num_images, num_texts = images.shape[0], texts.shape[0]
+    t2i = torch.empty(num_texts, dtype=torch.long, device=images.device)
+    for start in range(0, num_texts, rows):
+        stop = min(start + rows, num_texts)
+        size = (stop - start) * num_images
+        sim = torch.mm(texts[start:stop], images.T, out=sim_buffer[:size].view(-1, num_images))
+        positive = sim.gather(1, owner[start:stop, None])
+        beats = torch.ge(sim, positive, out=mask[:size].view(-1, num_images))
+        # The own image always ties with itself: one comparison too many per caption.
+        t2i[start:stop] = beats.sum(dim=1, dtype=torch.int32) - 1
+    return t2i
 
 
 def _has_data(state: list[Tensor] | Tensor) -> bool:
