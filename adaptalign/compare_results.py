@@ -43,12 +43,14 @@ CSV_FIELDS = (
     "last_epoch",
     "last_rsum",
     "wall_seconds",
+    "collapsed",
 )
 TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 
 
 def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[str, Any]:
-    """One CSV row from a run's ``summary.json``: its best validation by rsum, last rsum, time."""
+    """One CSV row from a run's ``summary.json``: its best validation by rsum, last rsum, time,
+    and whether its last epoch was flagged as collapsed (empty when the run did not watch)."""
     best = summary.get("best") or {}
     last = summary.get("last") or {}
     row: dict[str, Any] = {
@@ -62,6 +64,7 @@ def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[
     row["last_epoch"] = last.get("epoch")
     row["last_rsum"] = last.get("rsum")
     row["wall_seconds"] = summary.get("wall_seconds")
+    row["collapsed"] = summary.get("collapsed")
     return row
 
 

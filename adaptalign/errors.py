@@ -1,4 +1,4 @@
-"""Errors the command line reports as one clear message instead of a traceback."""
+"""Errors the command line reports as one clear message instead of a traceback, and warnings."""
 
 
 class ConfigurationError(ValueError):
@@ -7,3 +7,7 @@ class ConfigurationError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the message names the step, batch and controls."""
+
+
+class CollapseWarning(UserWarning):
+    """Training goes on but has collapsed: the loss sits at chance, or retrieval does."""

@@ -179,6 +179,8 @@ def test_run_summary_keeps_best_last_and_history_across_a_resume(
 
     csv_row = summary_row("x", "16", 7, summary)
     assert (csv_row["best_epoch"], csv_row["rsum"], csv_row["last_rsum"]) == (1, 150.0, 120.0)
+    assert csv_row["collapsed"] is None  # the run did not watch for a collapse
+    assert summary_row("x", "16", 7, {**summary, "collapsed": True})["collapsed"] is True
 
 
 def test_a_resumed_attempt_counts_the_time_its_predecessor_spent_after_the_checkpoint(

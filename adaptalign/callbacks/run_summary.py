@@ -23,6 +23,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
 from adaptalign.atomic_files import write_atomic
+from adaptalign.callbacks.collapse_watch import CollapseWatch
 
 PREFIX = "val/"
 # The clock ``wall_seconds`` counts with (tests replace it, so no result depends on timing).
@@ -85,7 +86,7 @@ class RunSummary(L.Callback):
 
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         seed = os.environ.get("PL_GLOBAL_SEED")
-        return {
+        summary = {
             "best": best_entry(self.history),
             "last": self.history[-1] if self.history else None,
             "history": self.history,
@@ -95,6 +96,11 @@ class RunSummary(L.Callback):
             "wall_seconds": round(self.wall_seconds(), 3),
             "seed": int(seed) if seed is not None else None,
         }
+        # ``collapsed`` and the flagged epochs, when the run watched for a collapse
+        for callback in getattr(trainer, "callbacks", []):
+            if isinstance(callback, CollapseWatch):
+                summary.update(callback.summary())
+        return summary
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from adaptalign import compare, report, stress_test
 from adaptalign.callbacks import tsne_view
+from adaptalign.callbacks.collapse_watch import CollapseWatch
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.callbacks.final_report import FinalReport
 from adaptalign.callbacks.parameter_summary import with_parameter_summary
@@ -54,6 +55,7 @@ def trainer_defaults() -> dict:
             ModelCheckpoint(filename="last", enable_version_counter=False),
             EmbeddingWriter(),
             FinalReport(),
+            CollapseWatch(),
         ],
         "plugins": [{"class_path": ATOMIC_CHECKPOINT_IO}],
     }
