@@ -153,7 +153,9 @@ class AlignmentDataModule(L.LightningDataModule):
         self.train_loader: ResumableDataLoader | None = None
         self._train_loader_state: dict | None = None  # restored, for the next training loader
         self.ontology = ontology
-        self._noisy_features: dict[tuple[str, str], FrozenFeatures | None] = {}
+        # Frozen towers' features per (split, noise settings), extracted when the split's loader
+        # is first built: a run extracts only the splits and the training subset it uses.
+        self._features: dict[tuple[str, str], FrozenFeatures | None] = {}
         self.caption_clusters: CaptionClusters | None = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -162,7 +164,6 @@ class AlignmentDataModule(L.LightningDataModule):
         self.seed = seed
         self.records: list[Record] = []
         self.splits: dict[str, list[Record]] = {}
-        self.features: FrozenFeatures | None = None
         self.source = ""
 
     def annotation_paths(self) -> list[Path]:
@@ -265,20 +266,15 @@ class AlignmentDataModule(L.LightningDataModule):
         return records
 
     def _frozen_features(
-        self, records: list[Record] | None = None, image_noise: NoiseConfig | None = None
+        self, records: list[Record], image_noise: NoiseConfig | None = None
     ) -> FrozenFeatures | None:
-        """Frozen towers' features, computed once (by rank 0) and cached.
-
-        Without arguments: every record, clean. With noisy ``records`` (and ``image_noise``): the
-        features of exactly that corrupted data, another cache entry.
-        """
+        """Frozen towers' features of ``records`` (noisy ones with ``image_noise``), computed by
+        rank 0 for the items the cache lacks."""
         if not self.feature_cache or self.trainer is None:
             return None
-        if records is None and self.features is not None:
-            return self.features
-        features = compute_frozen_features(
+        return compute_frozen_features(
             self.trainer.lightning_module,
-            self.records if records is None else records,
+            records,
             FeatureCache(self.cache_dir or default_cache_dir()),
             self.image_transform(training=False),
             num_workers=self.num_workers,
@@ -287,24 +283,22 @@ class AlignmentDataModule(L.LightningDataModule):
             is_writer=self.trainer.is_global_zero,
             image_noise=image_noise,
         )
-        if records is None:
-            self.features = features
-        return features
 
     def _split_inputs(
         self, split: str, noise: NoiseConfig | None
     ) -> tuple[list[Record], FrozenFeatures | None, NoiseConfig | None]:
         """A split's records and frozen features, with the given noise (if any) applied."""
         records = self._records(split)
-        if noise is None or not noise.active:
-            return records, self._frozen_features(), None
-        vocabulary = caption_vocabulary(c for r in self.splits["train"] for c in r.captions)
-        noisy = noisy_records(records, noise, vocabulary)
+        if noise is not None and not noise.active:
+            noise = None
+        if noise is not None:
+            vocabulary = caption_vocabulary(c for r in self.splits["train"] for c in r.captions)
+            records = noisy_records(records, noise, vocabulary)
+            rank_zero_info(f"{split} split with noise {noise}")
         key = (split, repr(noise))
-        if key not in self._noisy_features:
-            self._noisy_features[key] = self._frozen_features(noisy, noise)
-        rank_zero_info(f"{split} split with noise {noise}")
-        return noisy, self._noisy_features[key], noise
+        if key not in self._features:
+            self._features[key] = self._frozen_features(records, noise)
+        return records, self._features[key], noise
 
     def image_transform(self, training: bool) -> Transform:
         module = self.trainer.lightning_module if self.trainer is not None else None

@@ -1,9 +1,18 @@
-"""On-disk cache of frozen-tower features, so frozen backbones run once per dataset, not per epoch.
+"""On-disk cache of frozen-tower features, so frozen backbones run once per item, not per epoch.
 
-An entry is addressed by two keys: the tower's (architecture, exact weights, preprocessing) and the
-data's (the bytes of every image, or the text of every caption, in order). Any change to either
-gives a different address, so a stale entry is never read. Entries are written to a temporary file
-and renamed into place, so a killed run leaves either a complete entry or none.
+Features are stored per item (an image, a caption) under two keys: the model's (architecture,
+exact weights, preprocessing, batching) picks a folder, and each item's own content (the image's
+bytes, the caption's text) picks its row. A changed file, checkpoint or setting gets a new key, so
+a stale row is never read. Items are computed only when missing, so a run extracts what it uses
+and a later, larger run adds the rest.
+
+Rows are written in chunks of a few thousand items, each chunk a whole file written through
+:mod:`adaptalign.atomic_files`: a killed extraction leaves its completed chunks (the next run
+resumes after them) and never a torn one. There is no index to keep in step: loading opens every
+chunk of the model's folder memory-mapped, reads its item keys and copies only the rows asked for.
+
+Whole entries (one tensor under one data key) serve results that belong to a whole data set, such
+as caption clusters.
 """
 
 from __future__ import annotations
@@ -15,13 +24,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from adaptalign.atomic_files import atomic_write
+from adaptalign.progress import Bar
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Bump when what a model key covers changes, so entries of an older layout are never read.
+FORMAT_VERSION = 2
+CHUNK_PREFIX = "chunk-"
 
 
 def digest(parts: Iterable[bytes]) -> str:
@@ -47,31 +58,124 @@ def module_digest(module: torch.nn.Module, *settings: str) -> str:
     return digest(parts())
 
 
-def file_digest(paths: Sequence[Path], progress: bool = True) -> str:
-    """Digest of the content of many files, in order (a changed file changes it)."""
-
-    def parts() -> Iterable[bytes]:
-        for path in tqdm(
-            paths, desc="hashing images", unit="file", disable=not progress, leave=False
-        ):
-            yield str(path.name).encode()
-            yield path.read_bytes()
-
-    return digest(parts())
-
-
 def text_digest(texts: Sequence[str]) -> str:
     return digest(t.encode() for t in texts)
 
 
 class FeatureCache:
-    """Feature tensors under ``<root>/features/<kind>/<model key>/<data key>.pt``."""
+    """Per-item rows under ``<root>/features/<kind>/<model key>/chunk-*.pt``; whole entries beside.
+
+    A whole entry lives at ``<root>/features/<kind>/<model key>/<data key>.pt``.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
 
+    def folder(self, kind: str, model_key: str) -> Path:
+        return self.root / "features" / kind / model_key
+
+    # ----------------------------------------------------------------------------- per-item rows
+
+    def chunks(self, kind: str, model_key: str) -> list[Path]:
+        folder = self.folder(kind, model_key)
+        return sorted(folder.glob(f"{CHUNK_PREFIX}*.pt")) if folder.is_dir() else []
+
+    def read_rows(self, kind: str, model_key: str, wanted: set[str]) -> dict[str, Tensor]:
+        """The stored rows of the ``wanted`` item keys (those not stored are simply absent)."""
+        found: dict[str, Tensor] = {}
+        for path in self.chunks(kind, model_key):
+            chunk = _read_chunk(path)
+            if chunk is None:
+                continue
+            keys, features = chunk
+            rows = [(i, key) for i, key in enumerate(keys) if key in wanted and key not in found]
+            if rows:
+                picked = features[torch.tensor([i for i, _ in rows])].clone()  # off the mmap
+                found.update((key, picked[j]) for j, (_, key) in enumerate(rows))
+        return found
+
+    def write_chunk(self, kind: str, model_key: str, keys: list[str], features: Tensor) -> Path:
+        """One chunk of rows, whole or not at all; its name comes from its items."""
+        if len(keys) != features.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {features.shape[0]} rows")
+        path = self.folder(kind, model_key) / f"{CHUNK_PREFIX}{text_digest(keys)}.pt"
+        with atomic_write(path) as handle:
+            torch.save({"keys": list(keys), "features": features.contiguous()}, handle)
+        return path
+
+    def rows(
+        self,
+        kind: str,
+        model_key: str,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], Iterable[tuple[list[int], Tensor]]],
+        chunk_rows: int,
+        bar: Callable[[int, int], Bar] | None = None,
+    ) -> Tensor:
+        """The rows of ``keys`` (in order, repeats allowed), computing only the missing items.
+
+        ``compute(positions)`` gets the positions in ``keys`` of the missing items (one per
+        distinct key) and yields ``(positions, rows)`` batches covering them, in any order and
+        batch size; each time ``chunk_rows`` rows have come they are stored as one chunk before
+        the next batch is asked for, so an interrupted extraction keeps what it finished.
+        ``bar(missing, wanted)`` reports progress over the missing items (``wanted``: the
+        distinct items asked for).
+        """
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        stored = self.read_rows(kind, model_key, set(first))
+        missing = sorted(i for key, i in first.items() if key not in stored)
+        if missing:
+            log.info("feature cache: %d of %d %s items to compute", len(missing), len(first), kind)
+            report = bar(len(missing), len(first)) if bar is not None else None
+            computed = self._compute(kind, model_key, keys, missing, compute, chunk_rows, report)
+            stored.update(computed)
+        if not keys:
+            return torch.empty(0)
+        return torch.stack([stored[key] for key in keys])
+
+    def _compute(
+        self,
+        kind: str,
+        model_key: str,
+        keys: Sequence[str],
+        missing: list[int],
+        compute: Callable[[list[int]], Iterable[tuple[list[int], Tensor]]],
+        chunk_rows: int,
+        report: Bar | None,
+    ) -> dict[str, Tensor]:
+        done: dict[str, Tensor] = {}
+        names: list[str] = []
+        pending: list[Tensor] = []
+
+        def flush() -> None:
+            rows = torch.cat(pending)
+            self.write_chunk(kind, model_key, names, rows)
+            done.update(zip(names, rows, strict=True))
+            names.clear()
+            pending.clear()
+
+        for positions, batch in compute(missing):
+            if len(positions) != batch.shape[0]:
+                raise ValueError(f"{len(positions)} positions for {batch.shape[0]} rows")
+            names.extend(keys[i] for i in positions)
+            pending.append(batch.detach().float().cpu())
+            if report is not None:
+                report.update(len(positions))
+            if len(names) >= chunk_rows:
+                flush()
+        if names:
+            flush()
+        if report is not None:
+            report.close()
+        absent = [keys[i] for i in missing if keys[i] not in done]
+        if absent:
+            raise RuntimeError(f"{len(absent)} of {len(missing)} {kind} items were not computed")
+        return done
+
+    # ----------------------------------------------------------------------------- whole entries
+
     def path(self, kind: str, model_key: str, data_key: str) -> Path:
-        return self.root / "features" / kind / model_key / f"{data_key}.pt"
+        return self.folder(kind, model_key) / f"{data_key}.pt"
 
     def load(self, path: Path, rows: int) -> Tensor | None:
         """The cached tensor, or ``None`` when absent or unusable (then it is recomputed)."""
@@ -116,3 +220,23 @@ class FeatureCache:
         features = compute().detach().cpu()
         self.save(path, features, meta or {})
         return features
+
+
+def _read_chunk(path: Path) -> tuple[list[str], Tensor] | None:
+    """A chunk's keys and (memory-mapped) rows; ``None`` when it is unreadable.
+
+    Chunks are only ever renamed into place whole, so an unreadable one was damaged from outside:
+    it is removed and its items are computed again.
+    """
+    try:
+        chunk = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        keys, features = list(chunk["keys"]), chunk["features"]
+        if features.shape[0] != len(keys):
+            raise ValueError(f"{len(keys)} keys for {features.shape[0]} rows")
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        log.warning("feature cache chunk %s is unreadable (%s); removed", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+    return keys, features
