@@ -12,11 +12,15 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adaptalign.atomic_files import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 METRICS = (
     "i2t_R@1",
@@ -210,50 +214,118 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plot_png(groups: Sequence[dict[str, Any]]) -> bytes:
-    """rsum and t→i R@1 against training images, one line per config, 95% intervals as bars."""
+PANELS = (("rsum", "rsum (best val epoch)"), ("t2i_R@1", "t→i R@1 (%, best val epoch)"))
+
+
+def figure_png(figure: Figure, dpi: int = 120) -> bytes:
+    """A drawn figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure with constrained layout, so titles and an outside legend get room of their own."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
-    panels = figure.subplots(1, 2)
+    return figure
+
+
+def legend_below(figure: Figure) -> None:
+    """One legend for all panels, under them: inside a panel it would cover points."""
+    handles, labels = [], []
+    for axes in figure.axes:
+        for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+
+
+def results_figure(groups: Sequence[dict[str, Any]], title: str) -> Figure:
+    """rsum and t→i R@1 with their 95% intervals: against training images when the comparison
+    has several sizes (one line per config), else one category per config."""
+    sizes = sorted({x for g in groups if (x := _x_value(g)) is not None})
     names = list(dict.fromkeys(g["name"] for g in groups))
-    xs_all: set[float] = set()
-    for axis, metric, label in (
-        (panels[0], "rsum", "rsum (best val epoch)"),
-        (panels[1], "t2i_R@1", "t→i R@1 (%, best val epoch)"),
-    ):
-        for index, name in enumerate(names):
-            dodge = 1.02 ** (index - (len(names) - 1) / 2)  # keep overlapping bars apart
-            points = []
-            for group in groups:
-                stat = group["stats"].get(metric)
-                x = _x_value(group)
-                if group["name"] == name and stat is not None and x is not None:
-                    points.append((x * dodge, stat.mean, stat.half_width or 0.0))
-            if not points:
-                continue
-            points.sort()
-            xs, means, errors = (list(v) for v in zip(*points, strict=True))
-            xs_all.update(x / dodge for x in xs)
-            axis.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name)
-        axis.set_xlabel("training images")
+    figure = new_figure(10, 4.6)
+    panels = figure.subplots(1, 2)
+    for axis, (metric, label) in zip(panels, PANELS, strict=True):
+        if len(sizes) > 1:
+            _lines_over_sizes(axis, groups, names, metric, sizes)
+        else:
+            _categories(axis, groups, names, metric, sizes)
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    for axis in panels:
-        if len(xs_all) > 1 and min(xs_all) > 0:
-            axis.set_xscale("log")
-            axis.set_xticks(sorted(xs_all))
-            axis.xaxis.set_major_formatter(ScalarFormatter())
-            axis.xaxis.set_minor_formatter(NullFormatter())
-    if panels[0].get_legend_handles_labels()[0]:
-        panels[0].legend()
-    figure.suptitle("mean over seeds, 95% t-interval")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    if len(sizes) > 1:
+        legend_below(figure)
+    figure.suptitle(f"{title}\nmean over seeds, 95% t-interval")
+    return figure
+
+
+def _lines_over_sizes(
+    axis: Axes,
+    groups: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    metric: str,
+    sizes: Sequence[float],
+) -> None:
+    """One line per config over the training sizes, on a log axis ticked at the sizes only."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+
+    for index, name in enumerate(names):
+        dodge = 1.02 ** (index - (len(names) - 1) / 2)  # keep overlapping bars apart
+        points = sorted(
+            (x * dodge, stat.mean, stat.half_width or 0.0)
+            for g in groups
+            if g["name"] == name
+            and (stat := g["stats"].get(metric)) is not None
+            and (x := _x_value(g)) is not None
+        )
+        if points:
+            xs, means, errors = (list(v) for v in zip(*points, strict=True))
+            axis.errorbar(
+                xs, means, yerr=errors, marker="o", capsize=3, label=name, color=f"C{index}"
+            )
+    if min(sizes) > 0:
+        axis.set_xscale("log")
+    axis.xaxis.set_major_locator(FixedLocator(list(sizes)))
+    axis.xaxis.set_major_formatter(FixedFormatter([f"{x:,.0f}" for x in sizes]))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_xlabel("training images")
+
+
+def _categories(
+    axis: Axes,
+    groups: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    metric: str,
+    sizes: Sequence[float],
+) -> None:
+    """One point per config at its own category position, labelled with the config's name."""
+    for index, name in enumerate(names):
+        stat = next((g["stats"].get(metric) for g in groups if g["name"] == name), None)
+        if stat is not None:
+            axis.errorbar(
+                [index],
+                [stat.mean],
+                yerr=[stat.half_width or 0.0],
+                marker="o",
+                capsize=4,
+                color=f"C{index}",
+            )
+    axis.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0)
+    axis.set_xlim(-0.5, len(names) - 0.5)
+    size = f" ({sizes[0]:,.0f} training images)" if sizes else ""
+    axis.set_xlabel(f"config{size}")
+
+
+def plot_png(groups: Sequence[dict[str, Any]], title: str) -> bytes:
+    """:func:`results_figure` as PNG bytes."""
+    return figure_png(results_figure(groups, title))
 
 
 def _x_value(group: dict[str, Any]) -> float | None:
@@ -266,11 +338,16 @@ def _x_value(group: dict[str, Any]) -> float | None:
         return None
 
 
-def write_results(output: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Writes ``results.csv``, ``results.md`` and ``results.png``; returns the groups."""
+def write_results(
+    output: Path, rows: Sequence[dict[str, Any]], title: str | None = None
+) -> list[dict[str, Any]]:
+    """Writes ``results.csv``, ``results.md`` and ``results.png``; returns the groups.
+
+    The plot's title is ``title``, by default the comparison's output folder name.
+    """
     groups = aggregate(rows)
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(output / "results.csv", csv_text(rows))
     write_atomic(output / "results.md", report_markdown(groups))
-    write_atomic(output / "results.png", plot_png(groups))
+    write_atomic(output / "results.png", plot_png(groups, title or output.resolve().name))
     return groups

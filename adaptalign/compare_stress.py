@@ -16,13 +16,24 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adaptalign.atomic_files import write_atomic
-from adaptalign.compare_results import describe, format_stat, metric_label
+from adaptalign.compare_results import (
+    describe,
+    figure_png,
+    format_stat,
+    legend_below,
+    metric_label,
+    new_figure,
+)
 from adaptalign.compare_runs import Run, size_label
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 STRESS_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+NOISE_WORDS = {"text": "caption", "image": "image", "both": "caption and image"}
 
 
 def stress_folder(run: Run, modality: str) -> Path:
@@ -137,19 +148,18 @@ def stress_markdown(groups: Sequence[dict[str, Any]], modality: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def stress_plot(groups: Sequence[dict[str, Any]], modality: str) -> bytes:
+def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -> Figure:
     """rsum against noise rate, one line per config, one panel per training size."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     sizes = list(dict.fromkeys(g["train_images"] for g in groups))
-    figure = Figure(figsize=(5 * len(sizes), 3.8))
-    FigureCanvasAgg(figure)
+    names = list(dict.fromkeys(g["name"] for g in groups))
+    figure = new_figure(5 * len(sizes), 4.4)
     for index, size in enumerate(sizes):
         axes = figure.add_subplot(1, len(sizes), index + 1)
         mine = [g for g in groups if g["train_images"] == size and "rsum" in g["stats"]]
-        for name in dict.fromkeys(g["name"] for g in mine):
+        for colour, name in enumerate(names):
             line = sorted((g for g in mine if g["name"] == name), key=lambda g: g["rate"])
+            if not line:
+                continue
             stats = [g["stats"]["rsum"] for g in line]
             axes.errorbar(
                 [g["rate"] for g in line],
@@ -158,18 +168,27 @@ def stress_plot(groups: Sequence[dict[str, Any]], modality: str) -> bytes:
                 marker="o",
                 capsize=3,
                 label=name,
+                color=f"C{colour}",  # a config keeps its colour in every panel
             )
-        axes.set_xlabel(f"{modality} noise rate")
+        axes.set_xlabel(f"noise rate ({NOISE_WORDS.get(modality, modality)})")
         axes.set_ylabel("rsum (mean ± std over seeds)")
         axes.set_title(f"{size} train images")
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+        axes.grid(alpha=0.3)
+    legend_below(figure)
+    figure.suptitle(f"{title}\nretrieval under {NOISE_WORDS.get(modality, modality)} noise")
+    return figure
 
 
-def write_stress_report(output: Path, runs: Sequence[Run], modality: str) -> bool:
+def stress_plot(groups: Sequence[dict[str, Any]], modality: str, title: str) -> bytes:
+    """:func:`stress_figure` as PNG bytes."""
+    return figure_png(stress_figure(groups, modality, title), dpi=100)
+
+
+def write_stress_report(
+    output: Path, runs: Sequence[Run], modality: str, title: str | None = None
+) -> bool:
+    """The stress results' CSV, table and plot (titled ``title``, by default the comparison's
+    output folder name); False when no run has a stress result yet."""
     rows = stress_rows(runs, modality)
     if not rows:
         return False
@@ -182,6 +201,7 @@ def write_stress_report(output: Path, runs: Sequence[Run], modality: str) -> boo
     write_atomic(output / "results_stress.csv", buffer.getvalue())
     markdown = stress_markdown(groups, modality)
     write_atomic(output / "results_stress.md", markdown)
-    write_atomic(output / "results_stress.png", stress_plot(groups, modality))
+    plot = stress_plot(groups, modality, title or output.resolve().name)
+    write_atomic(output / "results_stress.png", plot)
     print(f"\n{markdown}", flush=True)
     return True

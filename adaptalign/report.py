@@ -35,7 +35,7 @@ from adaptalign.compare_results import (
     plot_png,
 )
 from adaptalign.compare_runs import Run, finished_rows, report_order
-from adaptalign.compare_stress import aggregate_stress, stress_plot, stress_rows
+from adaptalign.compare_stress import NOISE_WORDS, aggregate_stress, stress_plot, stress_rows
 from adaptalign.errors import ConfigurationError
 
 BEGIN = (
@@ -148,7 +148,7 @@ def stress_table(groups: Sequence[dict[str, Any]], modality: str) -> str:
         row = [name, size, "/".join(str(s) for s in seeds)]
         row += [format_stat(by_rate[r]["stats"].get("rsum")) if r in by_rate else "" for r in rates]
         lines.append("| " + " | ".join(row) + " |")
-    noise = {"text": "caption", "image": "image", "both": "caption and image"}[modality]
+    noise = NOISE_WORDS[modality]
     return (
         f"Under {noise} noise (every run's best checkpoint evaluated with noise at each rate, "
         "`adaptalign stress`; rsum, mean ± std over seeds):\n\n" + "\n".join(lines) + "\n"
@@ -181,14 +181,15 @@ def render_section(section: Section, figures: Path, document_dir: Path) -> str:
         )
     figures.mkdir(parents=True, exist_ok=True)
     plot = figures / f"{section.name}.png"
-    write_atomic(plot, plot_png(groups))
+    write_atomic(plot, plot_png(groups, section.title))
     noisy = stress_rows(ordered, settings.stress_modality) if settings.stress_rates else []
     stress_plot_path = None
     if noisy:
         stress_groups = aggregate_stress(noisy)
         parts.append(stress_table(stress_groups, settings.stress_modality).rstrip())
         stress_plot_path = figures / f"{section.name}_stress.png"
-        write_atomic(stress_plot_path, stress_plot(stress_groups, settings.stress_modality))
+        stress_png = stress_plot(stress_groups, settings.stress_modality, section.title)
+        write_atomic(stress_plot_path, stress_png)
     if section.findings:
         parts.append(section.findings)
     for path, caption in ((plot, section.title), (stress_plot_path, "rsum against the noise rate")):

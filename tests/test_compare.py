@@ -15,8 +15,11 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
+from matplotlib.backend_bases import RendererBase
+from matplotlib.figure import Figure
 from scipy import stats
 
+from adaptalign import compare_results
 from adaptalign.callbacks import run_summary
 from adaptalign.callbacks.run_summary import RunSummary
 from adaptalign.compare import build_parser, main, own_options, resolve_settings, split_overrides
@@ -26,8 +29,11 @@ from adaptalign.compare_results import (
     describe,
     markdown_table,
     report_markdown,
+    results_figure,
     summary_row,
+    write_results,
 )
+from adaptalign.compare_stress import aggregate_stress, stress_figure
 from adaptalign.lightning_modules.cli import main as cli_main
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -120,6 +126,85 @@ def test_bucket_table_only_for_runs_with_clusters() -> None:
         "| a | 16 | 2 | 5.0 ± 1.4 | 2.0 ± 0.0 | - | - | - | - | - | - | 305.0 ± 7.1 |"
     )
     assert "## Head, middle and tail queries" in report_markdown(aggregate(with_buckets))
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def drawn(figure: Figure) -> RendererBase:
+    figure.canvas.draw()
+    return figure.canvas.get_renderer()
+
+
+def assert_legend_beside_the_data(figure: Figure, names: list[str]) -> None:
+    """One figure legend naming every config, clear of every panel (inside one it covers points)."""
+    renderer = drawn(figure)
+    assert all(axis.get_legend() is None for axis in figure.axes)
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == names
+    box = legend.get_window_extent(renderer)
+    for axis in figure.axes:
+        assert not box.overlaps(axis.get_window_extent(renderer))
+
+
+def test_one_training_size_draws_each_config_as_a_category() -> None:
+    """No dodge on a size axis (ticks like "990 ... 1010" or an offset of 1e3): configs by name."""
+    one_size = [{**r, "train_images": "16", "train_size": 16} for r in ROWS]
+    figure = results_figure(aggregate(one_size), "flickr8k_baseline")
+    drawn(figure)
+    assert figure.get_suptitle().splitlines() == [
+        "flickr8k_baseline",
+        "mean over seeds, 95% t-interval",
+    ]
+    for axis in figure.axes:
+        assert [t.get_text() for t in axis.get_xticklabels()] == ["a", "b"]
+        assert list(axis.get_xticks()) == [0, 1]
+        assert axis.xaxis.get_offset_text().get_text() == ""
+        assert axis.get_xlabel() == "config (16 training images)"
+        assert [list(line.get_xdata()) for line in axis.lines[::3]] == [[0], [1]]
+    rsum = figure.axes[0]
+    assert [float(line.get_ydata()[0]) for line in rsum.lines[::3]] == [167.0, 200.0]
+    assert not figure.legends  # the tick labels name the configs
+
+
+def test_several_training_sizes_draw_lines_with_the_legend_below() -> None:
+    figure = results_figure(aggregate(ROWS), "my comparison")  # a at 16 images, b at 48
+    assert_legend_beside_the_data(figure, ["a", "b"])
+    assert figure.get_suptitle().startswith("my comparison\n")
+    for axis in figure.axes:
+        assert axis.get_xscale() == "log" and axis.get_xlabel() == "training images"
+        assert [t.get_text() for t in axis.get_xticklabels()] == ["16", "48"]
+
+
+def test_results_plot_is_titled_after_the_comparison_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    titles = []
+
+    def record(groups, title: str) -> Figure:
+        titles.append(title)
+        return results_figure(groups, title)
+
+    monkeypatch.setattr(compare_results, "results_figure", record)
+    write_results(tmp_path / "flickr8k_mmts", ROWS)
+    write_results(tmp_path / "other", ROWS, title="Flickr8k: MM-TS")
+    assert titles == ["flickr8k_mmts", "Flickr8k: MM-TS"]
+
+
+def test_stress_plot_titled_with_one_legend_and_one_colour_per_config() -> None:
+    rows = [
+        {"name": name, "train_images": size, "seed": seed, "rate": rate, "rsum": 100.0 - rate}
+        for name in ("fixed", "arl")
+        for size in ("100", "200")
+        for seed in (0, 1)
+        for rate in (0.0, 0.5)
+    ]
+    figure = stress_figure(aggregate_stress(rows), "both", "Generated: ARL")
+    assert_legend_beside_the_data(figure, ["fixed", "arl"])
+    assert figure.get_suptitle() == "Generated: ARL\nretrieval under caption and image noise"
+    assert [axis.get_title() for axis in figure.axes] == ["100 train images", "200 train images"]
+    colours = [[line.get_color() for line in axis.lines[::3]] for axis in figure.axes]
+    assert colours[0] == colours[1] and len(set(colours[0])) == 2
 
 
 # ----------------------------------------------------------------------------- run summary

@@ -153,6 +153,24 @@ def test_report_writes_the_document_and_only_the_readme_summary(project: Path) -
     assert (project / "docs/RESULTS.md").read_text() == generated
 
 
+def test_plots_are_titled_with_their_section(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    titles = []
+
+    def record(draw):
+        def drawing(*args):
+            titles.append((draw.__name__, args[-1]))
+            return draw(*args)
+
+        return drawing
+
+    monkeypatch.setattr(report, "plot_png", record(report.plot_png))
+    monkeypatch.setattr(report, "stress_plot", record(report.stress_plot))
+    assert run_report() == 0
+    assert titles == [("plot_png", "Done here"), ("stress_plot", "Done here")]
+
+
 def test_only_rebuilds_the_named_sections_and_keeps_the_others(project: Path) -> None:
     assert run_report() == 0
     document = project / "docs/RESULTS.md"
