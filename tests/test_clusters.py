@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from adaptalign.datamodules import clusters
+from adaptalign.datamodules import clusters, frozen_features
 from adaptalign.datamodules.clusters import (
     ClusterConfig,
     Clustering,
@@ -21,6 +22,8 @@ from adaptalign.datamodules.clusters import (
 )
 from adaptalign.datamodules.feature_cache import FeatureCache
 from adaptalign.errors import ConfigurationError
+from adaptalign.lightning_modules.towers import TextTower, TextTowerConfig
+from tests.captions import some_captions
 
 SENTENCES = ("a red circle", "two blue squares on the left", "a small green star in the corner")
 
@@ -33,7 +36,7 @@ def grouped_captions() -> list[str]:
 
 
 def config(model: str, num_clusters: int = 3) -> ClusterConfig:
-    return ClusterConfig(num_clusters=num_clusters, text_model=model, batch_size=4)
+    return ClusterConfig(num_clusters=num_clusters, text_model=model)
 
 
 def fail(*_: object, **__: object) -> None:
@@ -76,7 +79,7 @@ def test_new_k_reuses_embeddings(
     captions = grouped_captions()
     cache = FeatureCache(tmp_path)
     cluster_captions(captions, config(tiny_text_model, 3), cache, progress=False)
-    monkeypatch.setattr(clusters, "embed_captions", fail)
+    monkeypatch.setattr(frozen_features, "encode_texts", fail)
     calls: list[int] = []
     real_kmeans = clusters.run_kmeans
 
@@ -88,6 +91,76 @@ def test_new_k_reuses_embeddings(
     two = cluster_captions(captions, config(tiny_text_model, 2), cache, progress=False)
     assert calls == [1] and two.sizes.size == 2 and two.sizes.sum() == len(captions)
     assert len(list((tmp_path / "features" / "clusters").rglob("*.pt"))) == 2
+
+
+def weighted_captions() -> list[str]:
+    """40 distinct captions, the i-th repeated 1 + i % 3 times (79 in all), in a fixed order."""
+    return [c for i, c in enumerate(some_captions(40)) for _ in range(1 + i % 3)]
+
+
+def by_caption(captions: list[str], clustering: Clustering) -> dict[str, int]:
+    return dict(zip(captions, clustering.labels.tolist(), strict=True))
+
+
+def test_clusters_depend_only_on_the_captions_not_their_order(tiny_text_model: str) -> None:
+    """Shuffled, reversed or regrouped, the same captions get the same labels and sizes."""
+    captions = weighted_captions()
+    cfg = config(tiny_text_model, num_clusters=6)
+    first = cluster_captions(captions, cfg, None, progress=False)
+    assert first.sizes.tolist() == sorted(first.sizes.tolist(), reverse=True)
+    assert first.sizes.sum() == len(captions) == 79 and first.sizes.size == 6
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(len(captions))
+        shuffled = [captions[i] for i in order]
+        other = cluster_captions(shuffled, cfg, None, progress=False)
+        assert by_caption(shuffled, other) == by_caption(captions, first)
+        assert np.array_equal(other.sizes, first.sizes)
+
+
+def test_cached_labels_are_found_whatever_the_order(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captions = weighted_captions()
+    cfg = config(tiny_text_model, num_clusters=4)
+    cache = FeatureCache(tmp_path)
+    first = cluster_captions(captions, cfg, cache, progress=False)
+    monkeypatch.setattr(clusters, "run_kmeans", fail)
+    monkeypatch.setattr(frozen_features, "encode_texts", fail)
+    again = cluster_captions(captions[::-1], cfg, cache, progress=False)
+    assert by_caption(captions[::-1], again) == by_caption(captions, first)
+    # Other counts of the same captions are other training data: k-means runs again.
+    with pytest.raises(AssertionError, match="from the cache"):
+        cluster_captions(captions + captions[:1], cfg, cache, progress=False)
+
+
+def test_clusters_reuse_the_frozen_text_towers_cached_rows(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Captions a frozen text tower of the same model has encoded are not encoded again."""
+    captions = weighted_captions()
+    cache = FeatureCache(tmp_path)
+    tower = TextTower(TextTowerConfig(model_name=tiny_text_model, freeze=True), embed_dim=8)
+    # Training captions first, in the data's order, by the frozen tower's own extraction.
+    frozen_features.caption_features(tower.backbone, captions[::-1], cache, progress=False)
+    plain = cluster_captions(captions, config(tiny_text_model, 4), None, progress=False)
+    monkeypatch.setattr(frozen_features, "encode_texts", fail)
+    result = cluster_captions(captions, config(tiny_text_model, 4), cache, progress=False)
+    assert np.array_equal(result.labels, plain.labels)
+    # Another token budget is another model: its rows are not reused.
+    other = TextTower(
+        TextTowerConfig(model_name=tiny_text_model, freeze=True, max_length=16), embed_dim=8
+    )
+    monkeypatch.undo()
+    calls: list[int] = []
+    real = frozen_features.encode_texts
+
+    def counted(backbone: torch.nn.Module, texts: list[str]) -> object:
+        calls.append(len(texts))
+        return real(backbone, texts)
+
+    monkeypatch.setattr(frozen_features, "encode_texts", counted)
+    frozen_features.caption_features(other.backbone, captions, cache, progress=False)
+    assert calls == [40]
 
 
 def test_k_reduced_to_distinct_captions(
@@ -178,7 +251,7 @@ def test_minibatch_path_finds_blobs() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("num_clusters", 0), ("batch_size", 0), ("num_clusters", 2.5), ("backend", "annoy")],
+    [("num_clusters", 0), ("num_clusters", True), ("num_clusters", 2.5), ("backend", "annoy")],
 )
 def test_config_validation(field: str, value: object) -> None:
     with pytest.raises(ConfigurationError, match=rf"clusters\.{field}={value!r}; expected"):

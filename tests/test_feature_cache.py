@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,6 +32,7 @@ from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.lightning_modules.towers import load_text_model
 from tests.builders import quiet_trainer, tiny_module
+from tests.captions import some_captions
 from tests.distributed import run_distributed
 
 # --------------------------------------------------------------------------- whole entries
@@ -252,18 +252,6 @@ def test_keys_follow_weights_settings_and_content(tmp_path: Path, tiny_text_mode
 
 
 # --------------------------------------------------------------------------- caption features
-
-
-def some_captions(count: int) -> list[str]:
-    """Distinct captions of varied length from the generated grammar (the tiny BERT's words)."""
-    rng = np.random.default_rng(1)
-    ranking = g.category_ranking(rng)
-    captions: list[str] = []
-    while len(captions) < count:
-        for caption in g.make_captions(rng, g.sample_scene(rng, 3, ranking, 0.0), 5):
-            if caption not in captions:
-                captions.append(caption)
-    return captions[:count]
 
 
 class Stopped(Exception):
