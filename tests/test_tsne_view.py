@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib.colors
 import numpy as np
 import pytest
 import torch
@@ -12,19 +13,23 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
+from adaptalign.callbacks import tsne_view
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.callbacks.tsne_view import (
     TSNEView,
     first_caption_clusters,
     main,
+    primary_objects,
     projector_metadata,
     subsample,
     tsne_coordinates,
     tsne_figure,
     tsne_from_predictions,
+    view_figure,
 )
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
+from adaptalign.datamodules.records import Record
 from adaptalign.errors import ConfigurationError
 from tests.builders import quiet_trainer, tiny_module
 
@@ -117,6 +122,48 @@ def test_projector_metadata_rows() -> None:
     ]
     plain = projector_metadata(torch.tensor([5]), torch.tensor([0]), ["x"], None)
     assert plain == [["image", "none", "image 5"], ["text", "none", "x"]]
+
+
+def test_primary_object_is_the_first_recorded_one() -> None:
+    records = [
+        Record(Path("a.png"), ("c",), 7, "val", ("square", "circle")),
+        Record(Path("b.png"), ("c",), 3, "val"),  # no objects recorded
+        Record(Path("c.png"), ("c",), 5, "val", ("star",)),
+    ]
+    assert primary_objects(records, [5, 3, 7, 9]) == ["star", "", "square", ""]
+    assert primary_objects(None, [1, 2]) == ["", ""]
+
+
+def test_points_take_their_images_primary_object_with_a_legend_beside_them() -> None:
+    """Known objects colour the second panel, not "image id mod 20"; captions like their image."""
+    images, texts, owner = embeddings(num_images=6, per_image=2)
+    coordinates = tsne_coordinates(images, texts, owner, **FAST)
+    objects = ["circle", "square", "circle", "", "star", "square"]
+    figure = view_figure(coordinates, image_objects=objects)
+    panel = figure.axes[1]
+    assert panel.get_title() == "by primary object (3 objects; caption: its image's)"
+    legend = panel.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["circle", "square", "star"]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    assert not legend.get_window_extent(renderer).overlaps(panel.get_window_extent(renderer))
+    texts_drawn, images_drawn = panel.collections
+    image_colours = images_drawn.get_facecolors()
+    legend_colours = {
+        t.get_text(): matplotlib.colors.to_rgba(h.get_color())
+        for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)
+    }
+    assert len(set(legend_colours.values())) == 3
+    for row, name in enumerate(objects):
+        expected = (0.6, 0.6, 0.6, 1.0) if not name else legend_colours[name]
+        assert tuple(image_colours[row]) == pytest.approx(expected)
+    # each caption has its image's colour
+    caption_colours = texts_drawn.get_facecolors()
+    assert np.allclose(caption_colours, image_colours[owner.numpy()])
+    # unknown everywhere: image ids, and the title says neither clusters nor objects are known
+    fallback = view_figure(coordinates, image_objects=[""] * 6).axes[1]
+    assert fallback.get_title() == "by image id mod 20 (no clusters or objects known)"
+    assert fallback.get_legend() is None
 
 
 # ------------------------------------------------------------------ the callback on its own
@@ -279,7 +326,21 @@ def test_fit_writes_the_view_and_tensorboard_gets_it(tiny_text_model: str, tmp_p
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
     view = TSNEView(**FAST)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, logger=logger, callbacks=[view])
-    trainer.fit(tiny_module(tiny_text_model), generated_data(tmp_path))
+    drawn = []
+
+    def record(*args, image_objects=None):
+        drawn.append((args[3].tolist(), image_objects))  # image ids, their objects
+        return plot_coordinates(*args, image_objects=image_objects)
+
+    plot_coordinates = tsne_view.plot_coordinates
+    data = generated_data(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tsne_view, "plot_coordinates", record)
+        trainer.fit(tiny_module(tiny_text_model), data)
+    # the generated data knows every image's objects: the view is coloured by the first one
+    [(ids, objects)] = drawn
+    truth = {r.image_id: r.objects[0] for r in data.records}
+    assert len(ids) == 8 and objects == [truth[i] for i in ids] and all(objects)
     log_dir = Path(logger.log_dir)
     png = log_dir / "tsne" / "tsne_epoch000.png"
     assert_png(png)
@@ -312,7 +373,37 @@ def test_view_from_a_predictions_file(tiny_text_model: str, tmp_path: Path, caps
     assert main([str(written), "--max-points", "3", "--perplexity", "4", "--max-iter", "250"]) == 0
     default = tmp_path / "embeddings_test_tsne.png"
     assert_png(default)
-    assert str(default) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # it says what it does, then how the fit goes, every 50 iterations, then where the view is
+    stages = [
+        f"read 8 images and 40 captions from {written}",
+        "t-SNE of 18 points (3 images, 15 captions), exact gradient, 250 iterations; progress "
+        "every 50:",
+        "[t-SNE] Iteration 50:",
+        "[t-SNE] Iteration 250:",
+        f"wrote {default}",
+    ]
+    positions = [printed.index(stage) for stage in stages]
+    assert positions == sorted(positions)
+
+
+def test_a_predictions_file_with_objects_colours_by_them(tmp_path: Path) -> None:
+    images, texts, owner = embeddings(num_images=4, per_image=2)
+    data = {
+        "image_embeddings": images,
+        "image_id": torch.arange(4),
+        "text_embeddings": texts,
+        "text_image_id": owner,
+    }
+    drawn = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tsne_view, "plot_coordinates", lambda *a, **k: drawn.append(k))
+        good = write(tmp_path / "good.pt", {**data, "image_objects": ["a", "b", "", "a"]})
+        tsne_from_predictions(good, tmp_path / "x.png", **FAST)
+    assert drawn == [{"image_objects": ["a", "b", "", "a"]}]
+    bad = write(tmp_path / "bad.pt", {**data, "image_objects": ["a", "b"]})
+    with pytest.raises(ConfigurationError, match=r"bad\.pt: image_objects must be a list of one"):
+        tsne_from_predictions(bad, tmp_path / "x.png", **FAST)
 
 
 def write(path: Path, value: object) -> Path:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
@@ -22,6 +23,10 @@ import torch
 from torch import Tensor
 
 from adaptalign.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ def tsne_coordinates(
     max_points: int = 2000,
     perplexity: float = 30.0,
     max_iter: int = 1000,
+    progress: bool = False,
 ) -> TSNECoordinates:
     """One joint t-SNE of images and captions, so distances across modalities mean something.
 
@@ -91,7 +97,9 @@ def tsne_coordinates(
     ``max_points`` images (see :func:`subsample`) enter the fit with all their captions. The fit
     uses ``init="pca"`` and ``random_state=seed``, so a seed gives the same picture, with the exact
     gradient up to :data:`EXACT_UP_TO` points and Barnes-Hut beyond; perplexity is clamped to
-    ``(points - 1) / 3``, the largest the Barnes-Hut neighbourhoods support.
+    ``(points - 1) / 3``, the largest the Barnes-Hut neighbourhoods support. With ``progress`` the
+    fit says what it fits and reports every 50 iterations (a fit of thousands of points takes
+    minutes).
     """
     from sklearn.manifold import TSNE
 
@@ -113,13 +121,22 @@ def tsne_coordinates(
     if points.shape[0] < 2:
         raise ValueError(f"t-SNE needs at least 2 points; got {points.shape[0]}")
     used = min(float(perplexity), (points.shape[0] - 1) / 3)
+    method = "exact" if points.shape[0] <= EXACT_UP_TO else "barnes_hut"
+    if progress:
+        print(
+            f"t-SNE of {points.shape[0]:,} points ({image_rows.size:,} images, "
+            f"{text_rows.size:,} captions), {method.replace('_', '-')} gradient, "
+            f"{max_iter} iterations; progress every 50:",
+            flush=True,
+        )
     fitted = TSNE(
         n_components=2,
         perplexity=used,
         init="pca",
         random_state=seed,
         max_iter=max_iter,
-        method="exact" if points.shape[0] <= EXACT_UP_TO else "barnes_hut",
+        method=method,
+        verbose=2 if progress else 0,
     ).fit_transform(points)
     split = image_rows.size
     return TSNECoordinates(
@@ -142,15 +159,27 @@ def first_caption_clusters(
     return result
 
 
+def primary_objects(records: Iterable[object] | None, image_ids: Iterable[int]) -> list[str]:
+    """Each image's primary (first recorded) object, ``""`` when unknown.
+
+    The generated data records every image's true objects; other data sets record none.
+    """
+    known = {int(r.image_id): r.objects[0] for r in records or () if getattr(r, "objects", None)}
+    return [known.get(int(i), "") for i in image_ids]
+
+
 def _colours(values: np.ndarray) -> np.ndarray:
-    """RGBA per value: tab20 for up to 20 distinct values, a continuous map beyond; -1 is grey."""
+    """RGBA per value: tab10 for up to 10 distinct values (tab20 pairs similar shades), tab20 for
+    up to 20, a continuous map beyond; -1 is grey."""
     import matplotlib
 
     values = np.asarray(values, dtype=np.int64)
     known = values >= 0
     distinct = np.unique(values[known])
     rank = np.searchsorted(distinct, values)
-    if distinct.size <= ID_COLOURS:
+    if distinct.size <= 10:
+        colours = matplotlib.colormaps["tab10"](rank % 10)
+    elif distinct.size <= ID_COLOURS:
         colours = matplotlib.colormaps["tab20"](rank % ID_COLOURS)
     else:
         colours = matplotlib.colormaps["turbo"](rank / (distinct.size - 1))
@@ -164,20 +193,38 @@ def plot_coordinates(
     clusters: Tensor | np.ndarray | None = None,
     image_ids: Tensor | np.ndarray | None = None,
     title: str | None = None,
+    image_objects: Sequence[str] | None = None,
 ) -> Path:
-    """Two panels as a PNG: points by modality, and points by caption cluster.
+    """:func:`view_figure` written as a PNG to ``path``; its path."""
+    figure = view_figure(coordinates, clusters, image_ids, title, image_objects)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png", dpi=100)
+    return out
+
+
+def view_figure(
+    coordinates: TSNECoordinates,
+    clusters: Tensor | np.ndarray | None = None,
+    image_ids: Tensor | np.ndarray | None = None,
+    title: str | None = None,
+    image_objects: Sequence[str] | None = None,
+) -> Figure:
+    """Two panels: points by modality, and points by caption cluster or object.
 
     ``clusters`` holds one label per text of the original input (all texts, not only kept ones);
-    an image takes its first caption's cluster. Without clusters both panels' points are coloured
-    by image id modulo 20 (``image_ids`` of the original input, default the row numbers), a
-    caption like its image, and the panel's title says so.
+    an image takes its first caption's cluster. Without clusters, points are coloured by their
+    image's primary object when ``image_objects`` (one per image of the original input, ``""``
+    when unknown) knows any, with a legend of the objects; otherwise by image id modulo 20
+    (``image_ids`` of the original input, default the row numbers). A caption takes its image's
+    colour, and the panel's title says which colouring it shows.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
 
     c = coordinates
-    figure = Figure(figsize=(12, 5.5))
+    figure = Figure(figsize=(12, 5.5), layout="constrained")
     FigureCanvasAgg(figure)
     by_modality, by_cluster = figure.subplots(1, 2)
 
@@ -189,20 +236,15 @@ def plot_coordinates(
     by_modality.set_title(f"by modality (lines: first {LINKED_IMAGES} images to their captions)")
     by_modality.legend(loc="best", fontsize=8)
 
-    if clusters is not None:
-        text_values = np.asarray(clusters, dtype=np.int64)[c.text_rows]
-        image_values = first_caption_clusters(c.text_image, text_values, c.image_rows.size)
-        count = np.unique(text_values).size
-        by_cluster.set_title(f"by caption cluster ({count} clusters; image: first caption's)")
-    else:
-        ids = c.image_rows if image_ids is None else np.asarray(image_ids)[c.image_rows]
-        image_values = np.asarray(ids, dtype=np.int64) % ID_COLOURS
-        text_values = image_values[c.text_image]
-        by_cluster.set_title(f"by image id mod {ID_COLOURS} (no clusters known)")
-    by_cluster.scatter(*c.texts.T, s=8, c=_colours(text_values), marker="^", zorder=2)
-    by_cluster.scatter(
-        *c.images.T, s=14, c=_colours(image_values), marker="o", edgecolors="k", zorder=3
-    )
+    colouring = _colouring(c, clusters, image_ids, image_objects)
+    # one mapping from values to colours for images and captions alike
+    colours = _colours(np.concatenate([colouring.image_values, colouring.text_values]))
+    image_colours, text_colours = colours[: c.image_rows.size], colours[c.image_rows.size :]
+    by_cluster.scatter(*c.texts.T, s=8, c=text_colours, marker="^", zorder=2)
+    by_cluster.scatter(*c.images.T, s=14, c=image_colours, marker="o", edgecolors="k", zorder=3)
+    by_cluster.set_title(colouring.title)
+    if colouring.names:
+        _object_legend(by_cluster, colouring.names)
     for axes in (by_modality, by_cluster):
         axes.set_xticks([])
         axes.set_yticks([])
@@ -211,11 +253,63 @@ def plot_coordinates(
         or f"t-SNE of {c.image_rows.size} images and {c.text_rows.size} captions "
         f"(perplexity {c.perplexity:.3g})"
     )
-    figure.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png", dpi=100)
-    return out
+    return figure
+
+
+@dataclass
+class Colouring:
+    """What the second panel colours by: a value per kept image and per kept text (its image's
+    unless it is a cluster), the panel's title, and the object names that values 0, 1, ... stand
+    for when it shows objects."""
+
+    image_values: np.ndarray
+    text_values: np.ndarray
+    title: str
+    names: list[str]
+
+
+def _colouring(
+    c: TSNECoordinates,
+    clusters: Tensor | np.ndarray | None,
+    image_ids: Tensor | np.ndarray | None,
+    image_objects: Sequence[str] | None,
+) -> Colouring:
+    if clusters is not None:
+        text_values = np.asarray(clusters, dtype=np.int64)[c.text_rows]
+        image_values = first_caption_clusters(c.text_image, text_values, c.image_rows.size)
+        count = np.unique(text_values).size
+        title = f"by caption cluster ({count} clusters; image: first caption's)"
+        return Colouring(image_values, text_values, title, [])
+    kept = [image_objects[row] for row in c.image_rows] if image_objects is not None else []
+    names = sorted({name for name in kept if name})
+    if names:
+        code = {name: k for k, name in enumerate(names)}
+        values = np.array([code.get(name, -1) for name in kept], dtype=np.int64)
+        title = f"by primary object ({len(names)} objects; caption: its image's)"
+        return Colouring(values, values[c.text_image], title, names)
+    ids = c.image_rows if image_ids is None else np.asarray(image_ids)[c.image_rows]
+    values = np.asarray(ids, dtype=np.int64) % ID_COLOURS
+    title = f"by image id mod {ID_COLOURS} (no clusters or objects known)"
+    return Colouring(values, values[c.text_image], title, [])
+
+
+def _object_legend(axes: Axes, names: Sequence[str]) -> None:
+    """Which colour is which object, beside the panel so no point is hidden."""
+    from matplotlib.lines import Line2D
+
+    colours = _colours(np.arange(len(names)))
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=colour, label=name)
+        for name, colour in zip(names, colours, strict=True)
+    ]
+    axes.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        ncols=1 if len(names) <= 20 else 2,
+        frameon=False,
+    )
 
 
 def tsne_figure(
@@ -229,12 +323,21 @@ def tsne_figure(
     perplexity: float = 30.0,
     image_ids: Tensor | None = None,
     max_iter: int = 1000,
+    image_objects: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> Path:
     """Fit (:func:`tsne_coordinates`) and draw (:func:`plot_coordinates`) one view; its path."""
     coordinates = tsne_coordinates(
-        image_embeddings, text_embeddings, text_image_index, seed, max_points, perplexity, max_iter
+        image_embeddings,
+        text_embeddings,
+        text_image_index,
+        seed,
+        max_points,
+        perplexity,
+        max_iter,
+        progress,
     )
-    return plot_coordinates(coordinates, path, clusters, image_ids)
+    return plot_coordinates(coordinates, path, clusters, image_ids, image_objects=image_objects)
 
 
 def _clean(text: str) -> str:
@@ -362,7 +465,9 @@ class TSNEView(L.Callback):
             images, texts, owner, self.seed, self.max_points, self.perplexity, self.max_iter
         )
         path = Path(log_dir) / "tsne" / f"tsne_epoch{epoch:03d}.png"
-        plot_coordinates(coordinates, path, clusters, image_ids)
+        records = getattr(getattr(trainer, "datamodule", None), "records", None)
+        objects = primary_objects(records, image_ids.tolist())
+        plot_coordinates(coordinates, path, clusters, image_ids, image_objects=objects)
         self.last_path, self.last_coordinates = path, coordinates
         experiment = getattr(trainer.logger, "experiment", None) if trainer.logger else None
         add_image = getattr(experiment, "add_image", None)
@@ -464,11 +569,13 @@ def tsne_from_predictions(
     max_points: int = 2000,
     perplexity: float = 30.0,
     max_iter: int = 1000,
+    progress: bool = False,
 ) -> Path:
     """A view of the embeddings file at ``path`` (see :func:`load_predictions`), to ``output``.
 
-    A ``text_cluster`` tensor in the file, when present, colours the cluster panel; otherwise it
-    is coloured by image id.
+    A ``text_cluster`` tensor in the file, when present, colours the cluster panel; otherwise
+    ``image_objects`` (each image's primary object, ``""`` when unknown), when present, does; else
+    image ids do. ``progress`` reports each stage and the fit's iterations on standard output.
     """
     data = load_predictions(path)
     row_of = {i: row for row, i in enumerate(data["image_id"].tolist())}
@@ -478,6 +585,17 @@ def tsne_from_predictions(
         not isinstance(clusters, Tensor) or clusters.shape != data["text_image_id"].shape
     ):
         raise ConfigurationError(f"{path}: text_cluster must be a tensor of one label per text")
+    objects = data.get("image_objects")
+    if objects is not None and (
+        not isinstance(objects, list | tuple)
+        or len(objects) != len(row_of)
+        or not all(isinstance(name, str) for name in objects)
+    ):
+        raise ConfigurationError(
+            f"{path}: image_objects must be a list of one object name per image ('' if unknown)"
+        )
+    if progress:
+        print(f"read {len(row_of):,} images and {len(owner):,} captions from {path}", flush=True)
     return tsne_figure(
         data["image_embeddings"],
         data["text_embeddings"],
@@ -489,6 +607,8 @@ def tsne_from_predictions(
         perplexity=perplexity,
         image_ids=data["image_id"],
         max_iter=max_iter,
+        image_objects=objects,
+        progress=progress,
     )
 
 
@@ -518,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             max_points=options.max_points,
             perplexity=options.perplexity,
             max_iter=options.max_iter,
+            progress=True,
         )
     except ConfigurationError as exc:
         print(f"adaptalign tsne: error: {exc}", file=sys.stderr)
