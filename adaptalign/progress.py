@@ -2,8 +2,9 @@
 
 On a terminal it is a tqdm bar. Anywhere else (a log file, a pipe, a notebook cell, a CI job) a
 bar redrawn with carriage returns shows nothing until it ends, or one line of control characters,
-so there it is plain lines: one when the work starts, one every ``LINE_INTERVAL`` seconds, one
-when it ends. Both go to stderr, beside the warnings and Lightning's own messages.
+so there it is plain lines: one every ``LINE_INTERVAL`` seconds and one when the work ends. Both
+go to stderr, beside the warnings and Lightning's own messages; callers first :func:`say` what the
+work is.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ class ProgressLines:
         self.done = 0
         self.started = self.last = clock()
         self.closed = False
-        say(f"{desc}: {total} {unit}s to do", stream)
 
     def line(self) -> str:
         elapsed = self.clock() - self.started
@@ -96,7 +96,7 @@ class ProgressLines:
             self.close()
 
 
-def progress(
+def progress_bar(
     total: int, desc: str, unit: str, enabled: bool = True, stream: IO[str] | None = None
 ) -> Bar:
     """A tqdm bar on a terminal, :class:`ProgressLines` elsewhere, nothing when not ``enabled``."""

@@ -28,7 +28,7 @@ from adaptalign.datamodules.datasets import Transform, load_record_image
 from adaptalign.datamodules.feature_cache import FeatureCache, digest, module_digest
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
-from adaptalign.progress import Bar, progress, say
+from adaptalign.progress import Bar, progress_bar, say
 
 # Rows per forward pass (part of the model key, since they shape the last bits of every row).
 IMAGE_BATCH = 64
@@ -152,7 +152,7 @@ def _reporter(desc: str, unit: str, enabled: bool, folder: Path) -> Callable[[in
                 f"{desc}: {missing} of {wanted} {unit}s to compute ({cached}stored in {folder}, "
                 "chunk by chunk: an interrupted run resumes where it stopped)"
             )
-        return progress(missing, desc, unit, enabled)
+        return progress_bar(missing, desc, unit, enabled)
 
     return report
 

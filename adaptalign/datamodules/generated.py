@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from adaptalign.datamodules.karpathy import write_karpathy
 from adaptalign.errors import ConfigurationError
+from adaptalign.progress import progress_bar, say
 
 FORMAT_VERSION = 1  # bump whenever the same config would produce different files
 DATASET_FILE = "dataset_generated.json"
@@ -410,12 +410,8 @@ def _write_dataset(config: GeneratedConfig, folder: Path, progress: bool) -> Non
     (folder / IMAGE_FOLDER).mkdir()
     splits = (("train", config.num_train), ("val", config.num_val), ("test", config.num_test))
     entries: list[dict] = []
-    with tqdm(
-        total=sum(n for _, n in splits),
-        desc="generating dataset",
-        unit="image",
-        disable=not progress,
-    ) as bar:
+    total = sum(n for _, n in splits)
+    with progress_bar(total, "generating dataset", "image", enabled=progress) as bar:
         for split, size in splits:
             earlier: list[tuple[int, list[SceneObject]]] = []  # hard negatives stay in one split
             for _ in range(size):
@@ -469,6 +465,9 @@ def generate_dataset(
         return target
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    if progress:
+        images = config.num_train + config.num_val + config.num_test
+        say(f"generating the dataset ({images} images) into {final}; later runs reuse it")
     try:
         _write_dataset(config, work, progress)
         _publish(work, final)
