@@ -34,6 +34,7 @@ from adaptalign.datamodules.records import DatasetFormatError
 from adaptalign.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
 from adaptalign.lightning_modules.checkpoint_settings import warn_replaced_settings
+from adaptalign.lightning_modules.cli_checks import CheckedCLI
 from adaptalign.lightning_modules.run_folder import EVALUATIONS, command_logger
 from adaptalign.lightning_modules.system import AlignmentModule
 
@@ -78,7 +79,7 @@ def with_atomic_checkpoints(plugins: object) -> object:
     return [*given, AtomicCheckpointIO()]
 
 
-class AlignmentCLI(LightningCLI):
+class AlignmentCLI(CheckedCLI):
     """The Lightning CLI, with atomic checkpoint writing whatever plugins the user gives, a folder
     of its own for every run (see ``run_folder``) and the settings a checkpoint replaces named."""
 
