@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import time
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from huggingface_hub import constants
+from safetensors.torch import save_file
 
+from adaptalign import hub
 from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules.towers import (
     ImageTower,
@@ -38,11 +46,59 @@ def test_image_tower_refuses_a_mismatched_checkpoint(tmp_path: Path) -> None:
         ImageTower(ImageTowerConfig("test_resnet", checkpoint_path=str(path)), embed_dim=8)
 
 
-def test_image_tower_refuses_a_file_that_is_not_a_state_dict(tmp_path: Path) -> None:
-    path = tmp_path / "junk.pth"
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigurationError, match=r"junk\.pth.*could not be read"):
+def _pickled_model(path: Path) -> None:
+    torch.save(timm.create_model("test_resnet"), path)
+
+
+def _zip_archive(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "weights elsewhere")
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "found"),
+    [
+        # torch.load reads these as broken pickles: "pop from empty list", "KeyError: 101".
+        (
+            "notes.pth",
+            lambda p: p.write_text("a few notes\n"),
+            "a text file starting 'a few notes'",
+        ),
+        ("junk.pth", lambda p: p.write_bytes(b"not a checkpoint"), "a text file starting 'not a"),
+        ("empty.pth", lambda p: p.write_bytes(b""), "an empty file"),
+        ("list.pth", lambda p: torch.save([torch.zeros(2)], p), "found a list"),
+        ("name.pth", lambda p: torch.save("resnet18", p), "found a str"),
+        ("nothing.pth", lambda p: torch.save({}, p), "found an empty mapping"),
+        (
+            "run.pth",
+            lambda p: torch.save({"epoch": 3, "weights": {}}, p),
+            "not all tensors ('epoch': int",
+        ),
+        (
+            "model.pth",
+            _pickled_model,
+            "pickled objects such as timm.models.resnet.ResNet, not only",
+        ),
+        ("archive.pth", _zip_archive, "a zip archive, not a torch file"),
+        ("binary.pth", lambda p: p.write_bytes(bytes([0, 159, 7, 3])), "binary data"),
+        (
+            "bad.safetensors",
+            lambda p: p.write_bytes(b"not a checkpoint"),
+            "not a valid safetensors",
+        ),
+    ],
+)
+def test_image_checkpoint_that_is_not_a_state_dict_says_what_it_is(
+    tmp_path: Path, name: str, write: Callable[[Path], object], found: str
+) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ConfigurationError) as info:
         ImageTower(ImageTowerConfig("test_resnet", checkpoint_path=str(path)), embed_dim=8)
+    message = str(info.value)
+    assert message.startswith(f"model.image_tower.checkpoint_path='{path}': expected ")
+    assert "a state dict (a mapping of parameter names to tensors)" in message
+    assert found in message and "pop from empty list" not in message
 
 
 def test_unknown_timm_model_suggests_close_names() -> None:
@@ -169,3 +225,86 @@ def test_towers_that_train_run_in_train_mode_during_fit(tiny_text_model: str) ->
     module = tiny_module(tiny_text_model, image={"freeze": True})
     quiet_trainer(max_epochs=1, callbacks=[Modes()]).fit(module, data)
     assert modes == [(False, True), (False, True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# No hub: fail at once, or read the local hub cache, never wait on the hub client's retries.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[float]]:
+    """A machine without a network whose user set no offline variable, and an empty hub cache.
+
+    Every name lookup fails, as without a network. The hub client's pauses between retries are
+    recorded instead of slept; the returned list must stay empty.
+    """
+    for variable in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def lookup(*args: object, **kwargs: object) -> None:
+        raise socket.gaierror(socket.EAI_NONAME, "no network in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    hub._probe.cache_clear()
+    yield pauses
+    hub._probe.cache_clear()
+
+
+def hub_cache_snapshot(repo: str) -> Path:
+    """An empty snapshot folder for ``repo`` in the hub cache's layout, ``main`` pointing at it."""
+    entry = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(revision)
+    snapshot = entry / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def test_text_model_name_without_a_hub_fails_without_retries(no_network: list[float]) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        TextTower(TextTowerConfig("nobody-here/no-such-model-xyz"), embed_dim=8)
+    assert str(info.value).startswith(
+        "model.text_tower.model_name='nobody-here/no-such-model-xyz' is neither a local model "
+        "folder nor reachable on the hub (no hub is reachable (no connection to huggingface.co:443"
+    )
+    assert "the local hub cache does not hold it" in str(info.value)
+    assert no_network == []
+
+
+def test_cached_hub_text_model_loads_without_a_hub(
+    no_network: list[float], tiny_text_model: str
+) -> None:
+    shutil.copytree(tiny_text_model, hub_cache_snapshot("someone/tiny-bert"), dirs_exist_ok=True)
+    tower = TextTower(TextTowerConfig("someone/tiny-bert"), embed_dim=8)
+    assert tower(["a red circle"]).shape == (1, 8)
+    assert no_network == []
+
+
+def test_pretrained_timm_model_without_a_hub_fails_at_once(no_network: list[float]) -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=r"model\.image_tower\.pretrained=true: no hub is reachable \(no connection to "
+        r"huggingface\.co:443.*no weights for 'test_resnet'; give them as "
+        r"model\.image_tower\.checkpoint_path",
+    ):
+        ImageTower(ImageTowerConfig("test_resnet", pretrained=True), embed_dim=8)
+    assert no_network == []
+
+
+def test_pretrained_timm_weights_come_from_the_hub_cache_without_a_hub(
+    no_network: list[float],
+) -> None:
+    torch.manual_seed(5)
+    source = timm.create_model("test_resnet")
+    repo = timm.models.get_pretrained_cfg("test_resnet").hf_hub_id
+    save_file(source.state_dict(), hub_cache_snapshot(repo) / "model.safetensors")
+    tower = ImageTower(ImageTowerConfig("test_resnet", pretrained=True), embed_dim=8)
+    loaded = tower.backbone.state_dict()
+    assert loaded and all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.items())
+    assert no_network == []

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +21,13 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
 from adaptalign.errors import ConfigurationError
+from adaptalign.hub import hub_unreachable
 
 log = logging.getLogger(__name__)
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+# The files timm reads from a hub repository, in its order, when the model names none.
+TIMM_WEIGHT_NAMES = ["model.safetensors", "pytorch_model.bin"]
 
 
 @dataclass
@@ -106,17 +111,44 @@ class _Tower(nn.Module):
 def _unknown_timm_model(name: str) -> ConfigurationError:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean one of {close}?" if close else " See timm.list_models()."
-    return ConfigurationError(f"image_tower.model_name={name!r} is not a timm model.{hint}")
+    return ConfigurationError(f"model.image_tower.model_name={name!r} is not a timm model.{hint}")
 
 
-def _load_image_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a state dict from a local file into a headless timm model, dropping the classifier."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigurationError(
-            f"image_tower.checkpoint_path={path!r} does not exist; expected a state-dict file "
-            "(.pth/.pt/.bin or .safetensors) for the chosen timm model"
+STATE_DICT = "a state dict (a mapping of parameter names to tensors)"
+WEIGHT_FILES = "a torch file (.pth/.pt/.bin, from torch.save(model.state_dict())) or .safetensors"
+
+
+def _describe_unreadable(file: Path, exc: Exception) -> str:
+    """What a file that torch / safetensors could not load is, from its first bytes."""
+    with file.open("rb") as handle:
+        head = handle.read(64)
+    if not head:
+        return "an empty file"
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if unsupported:
+        return (
+            f"a torch file holding pickled objects such as {unsupported.group(1)}, not only "
+            "tensors (save model.state_dict(), not the model)"
         )
+    if file.suffix == ".safetensors":
+        return f"not a valid safetensors file ({exc})"
+    if head.startswith(b"PK"):
+        with zipfile.ZipFile(file) as archive:
+            if any(n.endswith("data.pkl") for n in archive.namelist()):
+                return f"a torch file that does not load ({str(exc).splitlines()[0]})"
+        return "a zip archive, not a torch file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy array file, not a torch file"
+    if head.startswith(b"\x80"):
+        return "a pickle that is not a torch file of tensors"
+    text = head.decode("utf-8", errors="replace")
+    if "\ufffd" in text[:-1] or any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return "binary data that is neither a torch nor a safetensors file"
+    return f"a text file starting {text.splitlines()[0][:40]!r}, not a torch file"
+
+
+def _read_state_dict(file: Path, setting: str) -> dict:
+    """The file's state dict, unwrapped from a training checkpoint; what it holds when it is not."""
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -126,13 +158,35 @@ def _load_image_checkpoint(model: nn.Module, path: str) -> None:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigurationError(
-            f"image_tower.checkpoint_path={path!r} could not be read as a state dict: {exc}"
+            f"{setting}: expected {WEIGHT_FILES} holding {STATE_DICT}; "
+            f"found {_describe_unreadable(file, exc)}"
         ) from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ConfigurationError(f"{path!r} holds a {type(state).__name__}, not a state dict")
+        raise ConfigurationError(
+            f"{setting}: expected {STATE_DICT}; found a {type(state).__name__}"
+        )
+    if not state:
+        raise ConfigurationError(f"{setting}: expected {STATE_DICT}; found an empty mapping")
+    odd = [(k, v) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if odd:
+        key, value = odd[0]
+        raise ConfigurationError(
+            f"{setting}: expected {STATE_DICT}; found a mapping whose values are not all "
+            f"tensors ({key!r}: {type(value).__name__}; keys {list(state)[:5]})"
+        )
+    return state
+
+
+def _load_image_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state dict from a local file into a headless timm model, dropping the classifier."""
+    file = Path(path).expanduser()
+    setting = f"model.image_tower.checkpoint_path={path!r}"
+    if not file.is_file():
+        raise ConfigurationError(f"{setting} does not exist; expected {WEIGHT_FILES}")
+    state = _read_state_dict(file, setting)
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {
@@ -142,15 +196,51 @@ def _load_image_checkpoint(model: nn.Module, path: str) -> None:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise ConfigurationError(
-            f"image_tower.checkpoint_path={path!r} does not match the model's parameter shapes: "
-            f"{str(exc).splitlines()[1:3]}"
+            f"{setting} does not match the model's parameter shapes: {str(exc).splitlines()[1:3]}"
         ) from exc
     if result.missing_keys or result.unexpected_keys:
         raise ConfigurationError(
-            f"image_tower.checkpoint_path={path!r} does not match the model: "
+            f"{setting} does not match the model: "
             f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
         )
+
+
+def _cached_timm_weights(model_name: str) -> str | None:
+    """The local hub cache's copy of the model's pretrained weights, if it holds one."""
+    from huggingface_hub import try_to_load_from_cache
+
+    pretrained = timm.models.get_pretrained_cfg(model_name)
+    if pretrained is None or not pretrained.hf_hub_id:
+        return None
+    repo, _, revision = pretrained.hf_hub_id.partition("@")
+    names = [pretrained.hf_hub_filename] if pretrained.hf_hub_filename else TIMM_WEIGHT_NAMES
+    for name in names:
+        found = try_to_load_from_cache(repo, name, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _offline_weights(model_name: str) -> dict | None:
+    """With no hub, timm's pretrained weights from the local cache, or a ConfigurationError now.
+
+    ``None`` (the hub answers) lets timm download as usual.
+    """
+    offline = hub_unreachable()
+    if offline is None:
+        return None
+    cached = _cached_timm_weights(model_name)
+    if cached is None:
+        raise ConfigurationError(
+            f"model.image_tower.pretrained=true: no hub is reachable ({offline}) and the local "
+            f"hub cache has no weights for {model_name!r}; give them as "
+            "model.image_tower.checkpoint_path"
+        )
+    log.info(
+        "no hub reachable (%s); %s weights from the local cache %s", offline, model_name, cached
+    )
+    return {"file": cached, "source": ""}
 
 
 class ImageTower(_Tower):
@@ -162,15 +252,20 @@ class ImageTower(_Tower):
         if not timm.is_model(config.model_name):
             raise _unknown_timm_model(config.model_name)
         hub = config.pretrained and config.checkpoint_path is None
+        overlay = _offline_weights(config.model_name) if hub else None
         try:
             self.backbone = timm.create_model(
-                config.model_name, pretrained=hub, num_classes=0, **config.model_kwargs
+                config.model_name,
+                pretrained=hub,
+                pretrained_cfg_overlay=overlay,
+                num_classes=0,
+                **config.model_kwargs,
             )
         except Exception as exc:
             what = "download its pretrained weights" if hub else "build it"
             raise ConfigurationError(
-                f"image_tower.model_name={config.model_name!r}: could not {what} ({exc}). "
-                "Without a hub, give the weights as image_tower.checkpoint_path."
+                f"model.image_tower.model_name={config.model_name!r}: could not {what} ({exc}). "
+                "Without a hub, give the weights as model.image_tower.checkpoint_path."
             ) from exc
         if config.checkpoint_path is not None:
             _load_image_checkpoint(self.backbone, config.checkpoint_path)
@@ -185,7 +280,8 @@ class ImageTower(_Tower):
         if config.image_size is not None:
             if config.image_size < 8:
                 raise ConfigurationError(
-                    f"image_tower.image_size={config.image_size} is too small; expected >= 8 px"
+                    f"model.image_tower.image_size={config.image_size} is too small; "
+                    "expected >= 8 px"
                 )
             overrides = {"input_size": (3, config.image_size, config.image_size), "crop_pct": 1.0}
         self.data_config = resolve_data_config(overrides, model=self.backbone)
@@ -202,7 +298,7 @@ class ImageTower(_Tower):
         return self.projection(self.features(images))
 
 
-def resolve_text_model(name: str) -> str:
+def resolve_text_model(name: str, setting: str = "model.text_tower.model_name") -> str:
     """A local folder as is; MiniLM to the packaged offline copy when installed; else the name."""
     path = Path(name).expanduser()
     if path.is_dir():
@@ -210,7 +306,7 @@ def resolve_text_model(name: str) -> str:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local:
         raise ConfigurationError(
-            f"text_tower.model_name={name!r} looks like a local folder but does not exist; "
+            f"{setting}={name!r} looks like a local folder but does not exist; "
             "expected a sentence-transformers or transformers model folder, or a hub name"
         )
     if name in MINILM_NAMES:
@@ -223,18 +319,29 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
-def load_text_model(name: str, max_length: int) -> nn.Module:
-    """A SentenceTransformer; a plain transformers folder gets mean pooling on top."""
+def load_text_model(
+    name: str, max_length: int, setting: str = "model.text_tower.model_name"
+) -> nn.Module:
+    """A SentenceTransformer; a plain transformers folder gets mean pooling on top.
+
+    A hub name is read from the local hub cache alone when no hub is reachable
+    (:func:`adaptalign.hub.hub_unreachable`), so a missing model fails at once instead of
+    after the hub client's retries.
+    """
     from sentence_transformers import SentenceTransformer
 
-    resolved = resolve_text_model(name)
+    resolved = resolve_text_model(name, setting)
+    offline = None if Path(resolved).is_dir() else hub_unreachable()
     try:
-        model = SentenceTransformer(resolved, device="cpu")
+        model = SentenceTransformer(resolved, device="cpu", local_files_only=offline is not None)
     except Exception as exc:
+        if offline is not None:
+            why = f"no hub is reachable ({offline}) and the local hub cache does not hold it"
+        else:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise ConfigurationError(
-            f"text_tower.model_name={name!r} is neither a local model folder nor reachable on the "
-            f"hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Give a local sentence-transformers or transformers folder."
+            f"{setting}={name!r} is neither a local model folder nor reachable on the hub "
+            f"({why}). Give a local sentence-transformers or transformers folder."
         ) from exc
     model.max_seq_length = max_length
     return model
@@ -247,12 +354,12 @@ class TextTower(_Tower):
         super().__init__()
         if config.max_length < 1:
             raise ConfigurationError(
-                f"text_tower.max_length={config.max_length}; expected a positive token count"
+                f"model.text_tower.max_length={config.max_length}; expected a positive token count"
             )
         if config.chunk_size is not None and config.chunk_size < 1:
             raise ConfigurationError(
-                f"text_tower.chunk_size={config.chunk_size}; expected a positive caption count "
-                "or null (one forward per batch)"
+                f"model.text_tower.chunk_size={config.chunk_size}; expected a positive caption "
+                "count or null (one forward per batch)"
             )
         self.config = config
         self.backbone = load_text_model(config.model_name, config.max_length)
