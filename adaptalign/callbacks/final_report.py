@@ -45,6 +45,10 @@ def table(columns: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def without_epoch(entry: Mapping[str, Any]) -> dict[str, float]:
     return {key: value for key, value in entry.items() if key != "epoch"}
 
@@ -91,7 +95,7 @@ class FinalReport(L.Callback):
         if not trainer.is_global_zero:
             return
         epochs, steps = trainer.current_epoch, trainer.global_step
-        lines = [f"fit ended after {epochs} epochs ({steps} steps)"]
+        lines = [f"fit ended after {plural(epochs, 'epoch')} ({plural(steps, 'step')})"]
         if self.history:
             last = self.history[-1]
             best = best_entry(self.history, key=f"val/{FIRST}") or last

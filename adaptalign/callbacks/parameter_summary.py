@@ -28,40 +28,23 @@ class ParameterSummary(ModelSummary):
         total_flops: int = 0,
         **summarize_kwargs: Any,
     ) -> None:
-        print(
-            summary_text(
-                summary_data,
-                total_parameters,
-                trainable_parameters,
-                model_size,
-                total_training_modes,
-            )
-        )
-
-
-def summary_text(
-    summary_data: list[tuple[str, list[str]]],
-    total_parameters: int,
-    trainable_parameters: int,
-    model_size: float,
-    total_training_modes: dict[str, int],
-) -> str:
-    columns = [(name, [str(v) for v in values]) for name, values in summary_data if name != DROPPED]
-    widths = [max([len(name), *(len(v) for v in values)]) for name, values in columns]
-    lines = [" | ".join(name.ljust(w) for (name, _), w in zip(columns, widths, strict=True))]
-    rows = len(columns[0][1]) if columns else 0
-    for row in range(rows):
-        cells = (values[row].ljust(w) for (_, values), w in zip(columns, widths, strict=True))
-        lines.append(" | ".join(cells))
-    totals = [
-        (get_human_readable_count(trainable_parameters), "trainable parameters"),
-        (get_human_readable_count(total_parameters - trainable_parameters), "non-trainable parameters"),
-        (get_human_readable_count(total_parameters), "parameters in all"),
-        (f"{model_size:,.1f} MB", "of parameters"),
-        (str(total_training_modes.get("eval", 0)), "modules in eval mode"),
-    ]
-    lines += [f"{value:>10} {label}" for value, label in totals]
-    return "\n".join(lines)
+        columns = [(name, [str(v) for v in values]) for name, values in summary_data]
+        columns = [(name, values) for name, values in columns if name != DROPPED]
+        widths = [max([len(name), *(len(v) for v in values)]) for name, values in columns]
+        lines = [" | ".join(name.ljust(w) for (name, _), w in zip(columns, widths, strict=True))]
+        for row in range(len(columns[0][1]) if columns else 0):
+            cells = (values[row].ljust(w) for (_, values), w in zip(columns, widths, strict=True))
+            lines.append(" | ".join(cells))
+        frozen = total_parameters - trainable_parameters
+        totals = [
+            (get_human_readable_count(trainable_parameters), "trainable parameters"),
+            (get_human_readable_count(frozen), "non-trainable parameters"),
+            (get_human_readable_count(total_parameters), "parameters in all"),
+            (f"{model_size:,.1f} MB", "of parameters"),
+            (str(total_training_modes.get("eval", 0)), "modules in eval mode"),
+        ]
+        lines += [f"{value:>10} {label}" for value, label in totals]
+        print("\n".join(lines))
 
 
 def with_parameter_summary(trainer_config: dict[str, Any]) -> dict[str, Any]:
