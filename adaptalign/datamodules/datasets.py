@@ -58,6 +58,14 @@ def default_transform() -> Transform:
     )
 
 
+# Without ``verify_images`` a broken file is found only when a batch first needs it, possibly hours
+# in; the message says how to find them all up front, and how to leave them out.
+UNDECODABLE_HINT = (
+    "expected a complete, readable image; data.verify_images: true checks every image before "
+    "training and reports all broken ones, data.skip_bad_images: true then leaves them out"
+)
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode an image fully, naming the file if it is missing or unreadable."""
     try:
@@ -66,7 +74,9 @@ def load_image(path: Path) -> Image.Image:
     except FileNotFoundError as exc:
         raise DatasetFormatError(f"{path}: image file not found") from exc
     except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetFormatError(f"{path}: cannot decode image ({exc})") from exc
+        raise DatasetFormatError(
+            f"{path}: cannot decode image ({exc}); {UNDECODABLE_HINT}"
+        ) from exc
 
 
 def load_record_image(record: Record, noise: NoiseConfig | None = None) -> Image.Image:

@@ -91,7 +91,8 @@ def check_images(
     if missing and not skip_bad:
         raise DatasetFormatError(
             _problem("are missing", missing, total, source)
-            + "; expected every image under the image root (check image_root)"
+            + "; expected every image under the image root (check data.image_root; "
+            + "data.skip_bad_images: true leaves them out)"
         )
     good = present
     broken: list[str] = []
@@ -102,7 +103,8 @@ def check_images(
         if broken and not skip_bad:
             raise DatasetFormatError(
                 _problem("cannot be decoded", broken, total, source)
-                + "; expected complete, readable images (skip_bad=True leaves them out)"
+                + "; expected complete, readable images "
+                + "(data.skip_bad_images: true leaves them out)"
             )
     for what, bad in (("are missing", missing), ("cannot be decoded", broken)):
         if bad:
