@@ -107,7 +107,8 @@ class FinalReport(L.Callback):
         checkpoints = checkpoint_lines(trainer)
         if checkpoints:
             lines += ["checkpoints:", *checkpoints]
-        lines.append(f"logs and config: {log_dir}")
+        if log_dir:  # none under fast_dev_run
+            lines.append(f"logs and config: {log_dir}")
         print("\n".join(lines))
 
     def state_dict(self) -> dict[str, Any]:
