@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from bench_train_step import make_batches, time_lightning
+from goals import overall, verdict
 
 from adaptalign.callbacks.arl import ARL
 from adaptalign.callbacks.loss_weighting import LossWeighting
@@ -99,13 +101,13 @@ def with_clusters(batches: list[dict]) -> list[dict]:
     return batches
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = 2  # first steps pay for allocation
     batches = with_clusters(make_batches(args.steps + skip, args.batch_size))
@@ -122,17 +124,19 @@ def main() -> None:
         print(f"repeat {r + 1} (s/step): {row}")
     base, best = statistics.median(times["none"]), min(times["none"])
     print(f"\nwithout adaptive callbacks: median {base:.3f} s/step, fastest {best:.3f}")
+    goals = {}
     for name in names[1:]:
         median = statistics.median(times[name])
         ratio = median / base
         hook = statistics.median(hooks[name])
-        verdict = "PASS" if ratio <= GOAL else "FAIL"
+        goals[f"{name} <= {GOAL:.2f}x"] = ratio <= GOAL
         print(
             f"{name}: median {median:.3f} s/step, ratio {ratio:.3f} (goal <= {GOAL:.2f}: "
-            f"{verdict}); fastest-repeat ratio {min(times[name]) / best:.3f}; its hooks "
-            f"{1e3 * hook:.2f} ms/step = {100 * hook / base:.2f}% of a step"
+            f"{verdict(ratio <= GOAL)}); fastest-repeat ratio {min(times[name]) / best:.3f}; its "
+            f"hooks {1e3 * hook:.2f} ms/step = {100 * hook / base:.2f}% of a step"
         )
+    return overall(goals)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,11 +13,13 @@ dataset with a randomly initialised image tower.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from goals import overall, verdict
 
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.lightning_modules.system import AlignmentModule
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TOKENS = SHARED / "data" / "flickr8k" / "Flickr8k_text" / "Flickr8k.token.txt"
 WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.pth"
+GOAL = 20.0
 
 
 class EpochTimer(L.Callback):
@@ -81,13 +84,13 @@ def epoch_seconds(args: argparse.Namespace, feature_cache: bool) -> tuple[float,
     return timer.seconds, total - timer.seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="default: $ADAPTALIGN_CACHE or ~/.cache")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (TOKENS.is_file() and WEIGHTS.is_file()):
         print(f"{TOKENS} or {WEIGHTS} not found: using the generated dataset instead")
@@ -99,9 +102,10 @@ def main() -> None:
     ratio = uncached / cached
     print(
         f"speed-up {ratio:.1f}x over {args.train_images} train images "
-        f"(goal >= 20x: {'PASS' if ratio >= 20 else 'FAIL'})"
+        f"(goal >= {GOAL:.0f}x: {verdict(ratio >= GOAL)})"
     )
+    return overall({f"speed-up >= {GOAL:.0f}x": ratio >= GOAL})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

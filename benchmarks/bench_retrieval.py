@@ -37,6 +37,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from goals import overall, verdict
+
 from adaptalign.lightning_modules.retrieval import RetrievalMetric
 
 GOAL_SECONDS = 2.0
@@ -108,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--captions-per-image", type=int, default=5)
@@ -120,14 +122,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-images", type=int, default=1000, help="subset for torchmetrics")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def measure_in_child(argv: list[str]) -> dict:
+    """The full-size timing, run by :func:`worker` in a fresh process so its memory is its own."""
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", *argv],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.worker:
         worker(args)
-        return
+        return 0
     torch.set_num_threads(args.threads)
     num_texts = args.images * args.captions_per_image
     print(
@@ -135,24 +149,18 @@ def main() -> None:
         f"chunk_size {args.chunk_size}, {args.repeats} repeats"
     )
 
-    child = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", *sys.argv[1:]],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    report = json.loads(child.stdout.strip().splitlines()[-1])
+    report = measure_in_child(argv)
     median_s, min_s = statistics.median(report["times"]), min(report["times"])
     peak, rise = report["peak_rss"], report["peak_rss"] - report["peak_rss_before"]
     ok_time, ok_mem = median_s <= GOAL_SECONDS, peak <= GOAL_BYTES
     print(f"\nRetrievalMetric, {args.images} images x {num_texts} captions (fresh process)")
     print(
         f"  time  median {median_s:.3f} s (min {min_s:.3f} s)   goal <= {GOAL_SECONDS:.0f} s   "
-        f"{'PASS' if ok_time else 'FAIL'}"
+        f"{verdict(ok_time)}"
     )
     print(
         f"  peak RSS of the whole process {peak / 1e9:.3f} GB   "
-        f"goal <= {GOAL_BYTES / 1e9:.0f} GB   {'PASS' if ok_mem else 'FAIL'}"
+        f"goal <= {GOAL_BYTES / 1e9:.0f} GB   {verdict(ok_mem)}"
     )
     print(
         f"    (peak {report['peak_rss_before'] / 1e9:.3f} GB before the timed runs: libraries, "
@@ -184,8 +192,14 @@ def main() -> None:
         same = abs(mine - other) < 1e-3
         agree &= same
         print(f"  t2i R@{k}: {mine:.4f} vs {other:.4f}  {'same' if same else 'DIFFERENT'}")
-    print(f"\nOverall: {'PASS' if ok_time and ok_mem and agree else 'FAIL'}")
+    return overall(
+        {
+            f"time <= {GOAL_SECONDS:.0f} s": ok_time,
+            f"peak memory <= {GOAL_BYTES / 1e9:.0f} GB": ok_mem,
+            "same R@K as torchmetrics": agree,
+        }
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,11 +20,13 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from goals import overall, verdict
 from torch.utils.data import DataLoader
 
 from adaptalign.lightning_modules.losses import info_nce
 from adaptalign.lightning_modules.system import AlignmentModule
 
+GOAL = 1.10
 WORDS = [
     "red",
     "green",
@@ -131,13 +134,13 @@ def time_bare(batches: list[dict], skip: int) -> float:
     return (time.perf_counter() - start) / (len(batches) - skip)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = 5  # first steps pay for allocation and the frozen text features
     batches = make_batches(args.steps + skip, args.batch_size)
@@ -149,10 +152,9 @@ def main() -> None:
     s, b = statistics.median(system), statistics.median(bare)
     ratio = s / b
     print(f"\nmedian s/step  bare loop: {b:.3f}   system: {s:.3f}")
-    print(
-        f"ratio system / bare = {ratio:.3f}  (goal <= 1.10: {'PASS' if ratio <= 1.10 else 'FAIL'})"
-    )
+    print(f"ratio system / bare = {ratio:.3f}  (goal <= {GOAL:.2f}: {verdict(ratio <= GOAL)})")
+    return overall({f"system / bare <= {GOAL:.2f}x": ratio <= GOAL})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
