@@ -44,6 +44,15 @@ def test_cluster_shift_and_per_sample_values_by_hand() -> None:
     assert float(s.values(10, sizes).min()) > 0
 
 
+def test_equal_cluster_sizes_give_every_sample_shift_min() -> None:
+    """n_max = n_min makes the formula's fraction 0 / 0; every sample gets s_min instead."""
+    s = schedule(alpha=0.08, oscillations=5, shift_min=0.05, shift_max=0.20)
+    s.size_range = (4, 4)  # every cluster holds 4 captions
+    sizes = torch.tensor([4, 4, 4])
+    assert s.shift(sizes).tolist() == pytest.approx([0.05] * 3)
+    assert s.values(10, sizes).tolist() == pytest.approx([0.01] * 3)  # base -0.04 + 0.05
+
+
 def test_unimodal_schedule_by_hand() -> None:
     s = CosineTemperatureSchedule(t_min=0.1, t_max=1.0, oscillations=5, total_steps=100)
     sizes = torch.zeros(3)

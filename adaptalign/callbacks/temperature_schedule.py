@@ -7,9 +7,11 @@ Every training step the callback writes one temperature per sample into the syst
 
 where ``t`` is the optimiser step, ``K`` the number of oscillations and ``n_i`` the size of the
 caption cluster of sample ``i`` (a larger cluster, a more common concept, gets a higher
-temperature). With ``cluster_shift=False`` every sample gets the mid shift and the schedule is the
-uni-modal one of Kukleva et al., ``tau(t) = t_min + (t_max - t_min) * (1 + cos(2 pi t / P)) / 2``;
-see :class:`CosineTemperatureSchedule`. With ``target="margin"`` the same values become the
+temperature). When every cluster has the same size (``n_max = n_min``) the fraction is 0 / 0;
+every sample then gets ``s_min``, as a cluster of size ``n_min`` would. With
+``cluster_shift=False`` every sample gets the mid shift and the schedule is the uni-modal one of
+Kukleva et al., ``tau(t) = t_min + (t_max - t_min) * (1 + cos(2 pi t / P)) / 2``; see
+:class:`CosineTemperatureSchedule`. With ``target="margin"`` the same values become the
 per-sample margins of the max-margin criterion.
 
 The value depends only on the global step, which Lightning restores on resume, so a resumed run
@@ -90,6 +92,11 @@ class TemperatureSchedule(L.Callback):
         return self.alpha / 2 * math.cos(2 * math.pi * step / period)
 
     def shift(self, sizes: Tensor) -> Tensor:
+        """``shift(n)`` per sample.
+
+        With equal cluster sizes there is no long tail to rank and the formula's fraction is
+        0 / 0: every sample gets ``s_min``, what the smallest cluster gets whenever sizes differ.
+        """
         if not self.cluster_shift:
             return torch.full(sizes.shape, (self.shift_min + self.shift_max) / 2)
         if self.size_range is None:
