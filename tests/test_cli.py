@@ -143,7 +143,8 @@ def test_predict_writes_embeddings(tiny_text_model: str, trained_run: Path, tmp_
     # text_image_id points every caption to an image of the file
     assert set(result["text_image_id"].tolist()) == set(result["image_id"].tolist())
     # the default writer put a copy in the run's log folder as well
-    assert list(tmp_path.glob("lightning_logs/*/predictions/embeddings_val.pt"))
+    # predict of a run's checkpoint writes inside that run
+    assert list(ckpt.parents[1].glob("predict/version_*/predictions/embeddings_val.pt"))
 
 
 def test_print_config(tiny_text_model: str, tmp_path: Path, capsys) -> None:

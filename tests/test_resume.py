@@ -330,7 +330,8 @@ def test_a_run_killed_mid_epoch_resumes_exactly(
     assert_same(result["state_dict"], reference["state_dict"], "weights")
     assert_same(result["optimizer_states"], reference["optimizer_states"], "optimizer")
     methods = {k: v for k, v in reference["callbacks"].items() if "ModelCheckpoint" not in k}
-    assert len(methods) == (4 if overlay else 0)  # MM-TS, loss weights, curriculum, ARL
+    # MM-TS, loss weights, curriculum, ARL; always the final report and the collapse watch
+    assert len(methods) == (6 if overlay else 2)
     for key, state in methods.items():
         assert_same(result["callbacks"][key], state, key)
     # validation after the last epoch: the resumed run logged to a new version folder
