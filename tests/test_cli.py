@@ -142,8 +142,7 @@ def test_predict_writes_embeddings(tiny_text_model: str, trained_run: Path, tmp_
     assert len(result["texts"]) == 80
     # text_image_id points every caption to an image of the file
     assert set(result["text_image_id"].tolist()) == set(result["image_id"].tolist())
-    # the default writer put a copy in the run's log folder as well
-    # predict of a run's checkpoint writes inside that run
+    # the default writer put a copy in the evaluated run's folder as well
     assert list(ckpt.parents[1].glob("predict/version_*/predictions/embeddings_val.pt"))
 
 
