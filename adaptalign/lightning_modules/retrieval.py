@@ -12,7 +12,7 @@ one random 256-d vector would score an rsum of 300 instead of 0 for 38 of 100 ve
 direction therefore has its own pass: image->text over chunks of ``chunk_size`` images, each scored
 against every caption, and text->image over chunks of captions, each scored against every image,
 as many per chunk as fit in the same ``chunk_size x num_texts`` buffer. The second product makes
-the metric about 1.3x slower than one pass shared by both directions (5,000 x 25,000, 2 cores);
+the metric about 1.35x slower than one pass shared by both directions (5,000 x 25,000, 2 cores);
 memory is unchanged.
 
 * image->text: an image is found as soon as its best caption is found, so its rank is the number of
