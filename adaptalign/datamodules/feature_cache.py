@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -62,6 +62,37 @@ def text_digest(texts: Sequence[str]) -> str:
     return digest(t.encode() for t in texts)
 
 
+class Rows:
+    """Feature rows looked up by item key, gathered from chunks and fresh computations."""
+
+    def __init__(self) -> None:
+        self.where: dict[str, int] = {}
+        self.parts: list[Tensor] = []
+        self.count = 0
+
+    def add(self, keys: Sequence[str], rows: Tensor) -> None:
+        for j, key in enumerate(keys):
+            self.where.setdefault(key, self.count + j)
+        self.parts.append(rows)
+        self.count += len(keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.where
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def gather(self, keys: Sequence[str]) -> Tensor:
+        """The rows of ``keys``, in order (each must be present)."""
+        if not keys:
+            return torch.empty(0)
+        index = torch.tensor([self.where[key] for key in keys])
+        return (torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0])[index]
+
+
 class FeatureCache:
     """Per-item rows under ``<root>/features/<kind>/<model key>/chunk-*.pt``; whole entries beside.
 
@@ -80,27 +111,31 @@ class FeatureCache:
         folder = self.folder(kind, model_key)
         return sorted(folder.glob(f"{CHUNK_PREFIX}*.pt")) if folder.is_dir() else []
 
-    def read_rows(self, kind: str, model_key: str, wanted: set[str]) -> dict[str, Tensor]:
+    def read_rows(self, kind: str, model_key: str, wanted: set[str]) -> Rows:
         """The stored rows of the ``wanted`` item keys (those not stored are simply absent)."""
-        found: dict[str, Tensor] = {}
+        found = Rows()
         for path in self.chunks(kind, model_key):
             chunk = _read_chunk(path)
             if chunk is None:
                 continue
             keys, features = chunk
-            rows = [(i, key) for i, key in enumerate(keys) if key in wanted and key not in found]
+            rows = [i for i, key in enumerate(keys) if key in wanted and key not in found]
             if rows:
-                picked = features[torch.tensor([i for i, _ in rows])].clone()  # off the mmap
-                found.update((key, picked[j]) for j, (_, key) in enumerate(rows))
+                # Indexing copies the rows off the memory map, reading only their pages.
+                found.add([keys[i] for i in rows], features[torch.tensor(rows)])
         return found
 
     def write_chunk(self, kind: str, model_key: str, keys: list[str], features: Tensor) -> Path:
         """One chunk of rows, whole or not at all; its name comes from its items."""
         if len(keys) != features.shape[0]:
             raise ValueError(f"{len(keys)} keys for {features.shape[0]} rows")
+        if any("\n" in key for key in keys):
+            raise ValueError("item keys are single lines")
         path = self.folder(kind, model_key) / f"{CHUNK_PREFIX}{text_digest(keys)}.pt"
+        # The keys as one string: unpickling thousands of small strings would take longer than
+        # reading the rows.
         with atomic_write(path) as handle:
-            torch.save({"keys": list(keys), "features": features.contiguous()}, handle)
+            torch.save({"keys": "\n".join(keys), "features": features.contiguous()}, handle)
         return path
 
     def rows(
@@ -127,11 +162,8 @@ class FeatureCache:
         if missing:
             log.info("feature cache: %d of %d %s items to compute", len(missing), len(first), kind)
             report = bar(len(missing), len(first)) if bar is not None else None
-            computed = self._compute(kind, model_key, keys, missing, compute, chunk_rows, report)
-            stored.update(computed)
-        if not keys:
-            return torch.empty(0)
-        return torch.stack([stored[key] for key in keys])
+            self._compute(kind, model_key, keys, missing, compute, chunk_rows, report, stored)
+        return stored.gather(keys)
 
     def _compute(
         self,
@@ -142,15 +174,16 @@ class FeatureCache:
         compute: Callable[[list[int]], Iterable[tuple[list[int], Tensor]]],
         chunk_rows: int,
         report: Bar | None,
-    ) -> dict[str, Tensor]:
-        done: dict[str, Tensor] = {}
+        done: Rows,
+    ) -> None:
+        """Computes the missing items into chunks on disk and into ``done``."""
         names: list[str] = []
         pending: list[Tensor] = []
 
         def flush() -> None:
             rows = torch.cat(pending)
             self.write_chunk(kind, model_key, names, rows)
-            done.update(zip(names, rows, strict=True))
+            done.add(list(names), rows)
             names.clear()
             pending.clear()
 
@@ -170,7 +203,6 @@ class FeatureCache:
         absent = [keys[i] for i in missing if keys[i] not in done]
         if absent:
             raise RuntimeError(f"{len(absent)} of {len(missing)} {kind} items were not computed")
-        return done
 
     # ----------------------------------------------------------------------------- whole entries
 
@@ -230,7 +262,7 @@ def _read_chunk(path: Path) -> tuple[list[str], Tensor] | None:
     """
     try:
         chunk = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        keys, features = list(chunk["keys"]), chunk["features"]
+        keys, features = chunk["keys"].split("\n"), chunk["features"]
         if features.shape[0] != len(keys):
             raise ValueError(f"{len(keys)} keys for {features.shape[0]} rows")
     except FileNotFoundError:
