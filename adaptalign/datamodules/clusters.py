@@ -225,10 +225,11 @@ def cluster_captions(
         return computed[0]
 
     def labels() -> torch.Tensor:
+        points = embeddings().numpy()
         if progress:
             say(f"caption clusters: k-means ({algorithm}), k={k}, {len(distinct)} captions")
         started = time.monotonic()
-        raw = run_kmeans(embeddings().numpy(), weights, k, config.seed, algorithm)
+        raw = run_kmeans(points, weights, k, config.seed, algorithm)
         numbered = by_size(raw, weights)
         if numbered.max() + 1 < k:
             log.info("k-means left %d of %d clusters empty", k - numbered.max() - 1, k)
