@@ -9,6 +9,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from adaptalign.datamodules.generated import SHAPES
 from adaptalign.lightning_modules.cli import main
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -142,6 +143,14 @@ def test_predict_writes_embeddings(tiny_text_model: str, trained_run: Path, tmp_
     assert len(result["texts"]) == 80
     # text_image_id points every caption to an image of the file
     assert set(result["text_image_id"].tolist()) == set(result["image_id"].tolist())
+    # the generated data knows each image's objects: the file carries each image's primary shape,
+    # which one of its captions names (by the shape's name or a synonym)
+    objects = result["image_objects"]
+    assert len(objects) == 16
+    for shape, image in zip(objects, result["image_id"].tolist(), strict=True):
+        pairs = zip(result["texts"], result["text_image_id"].tolist(), strict=True)
+        captions = [text for text, owner in pairs if owner == image]
+        assert any(word in c for word in SHAPES[shape] for c in captions), (shape, captions)
     # the default writer put a copy in the evaluated run's folder as well
     assert list(ckpt.parents[1].glob("predict/version_*/predictions/embeddings_val.pt"))
 

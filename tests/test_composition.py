@@ -130,7 +130,7 @@ def test_combined_config_under_two_process_ddp(tiny_text_model: str, tmp_path: P
     """
     # 3 global batches of 2 x 16 an epoch
     settings = [*combined_args(tiny_text_model, tmp_path), "--data.generated.num_train=96"]
-    ddp_root, single_root = tmp_path / "ddp", tmp_path / "single"
+    ddp_root = tmp_path / "ddp"
     probe = [
         "--trainer.callbacks+=tests.ddp_probe.StepProbe",
         f"--trainer.callbacks.out={ddp_root}",
@@ -178,18 +178,12 @@ def test_combined_config_under_two_process_ddp(tiny_text_model: str, tmp_path: P
     scales = [tuple(s["shared"]["tower_grad_scale"]) for s in ranks[0]]
     assert scales[0] == (1.5, 1.5) and scales[-1][0] != scales[-1][1]
 
-    # The checkpoint loads on one process, whose validation gives the run's final metrics.
+    # The checkpoint loads on one process, whose validation (written inside the evaluated run)
+    # gives the run's final metrics.
     (ckpt,) = ddp_root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
-    main(
-        [
-            "validate",
-            *settings,
-            f"--trainer.default_root_dir={single_root}",
-            f"--ckpt_path={ckpt}",
-        ]
-    )
+    main(["validate", *settings, f"--ckpt_path={ckpt}"])
     distributed = final_validation(ddp_root / "lightning_logs" / "version_0")
-    single = final_validation(single_root / "lightning_logs" / "version_0")
+    single = final_validation(ddp_root / "lightning_logs" / "version_0" / "validate" / "version_0")
     assert "val/rsum" in distributed and distributed.keys() == single.keys()
     for tag, (_, value) in distributed.items():
         assert single[tag][1] == pytest.approx(value, abs=1e-4), tag

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from adaptalign.atomic_files import atomic_write
+from adaptalign.callbacks.tsne_view import primary_objects
 
 
 class EmbeddingWriter(BasePredictionWriter):
@@ -47,6 +48,10 @@ class EmbeddingWriter(BasePredictionWriter):
         result["texts"] = [t for b in batches for t in b["texts"]]
         if all("text_cluster" in b for b in batches):  # with caption clusters: t-SNE colours
             result["text_cluster"] = torch.cat([b["text_cluster"] for b in batches])
+        records = getattr(trainer.datamodule, "records", None)
+        objects = primary_objects(records, result["image_id"].tolist())
+        if any(objects):  # data that knows its images' objects: t-SNE colours by the true object
+            result["image_objects"] = objects
         if trainer.world_size > 1:
             path = self._target(trainer)
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
