@@ -55,16 +55,22 @@ def test_callbacks(load, monkeypatch, capsys) -> None:
     bench = load("bench_callbacks")
 
     def timed(batches, skip, callbacks, log_every_n_steps):
+        # ARL's hooks take 40 ms of a 1 s step (4 %), the others 10 ms; end to end every variant
+        # is noisy, the plain system included: the goal is judged on the hooks alone.
         for callback in callbacks:
-            callback.hook_seconds, callback.hook_steps = 0.001, 1
-        return 1.1 if any(isinstance(c, bench.TimedARL) for c in callbacks) else 1.0
+            slow = isinstance(callback, bench.TimedARL)
+            callback.hook_seconds, callback.hook_steps = (0.04 if slow else 0.01), 1
+        return 1.2 if any(isinstance(c, bench.TimedARL) for c in callbacks) else 1.0
 
     monkeypatch.setattr(bench, "make_batches", lambda count, size: [])
     monkeypatch.setattr(bench, "time_lightning", timed)
     assert bench.main(["--repeats", "1", "--steps", "1", *THREADS]) == 1
     printed = capsys.readouterr().out
     assert "Overall: FAIL (missed: arl <= 1.03x; all_three <= 1.03x)" in printed
-    assert "mmts_temperature: median 1.000 s/step, ratio 1.000 (goal <= 1.03: PASS)" in printed
+    assert "mmts_temperature: hooks 10.00 ms/step = 1.010x a plain step (goal <= 1.03: PASS)" in (
+        printed
+    )
+    assert "all_three: hooks 60.00 ms/step = 1.060x" in printed
 
 
 @pytest.mark.parametrize(("uncached", "status"), [(10.0, 1), (30.0, 0)])
