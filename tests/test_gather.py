@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from adaptalign.lightning_modules.controls import Controls
-from adaptalign.lightning_modules.gather import gather_with_grad
+from adaptalign.lightning_modules.gather import all_reduce_sum, gather_with_grad
 from adaptalign.lightning_modules.system import AlignmentModule
 from tests.builders import tiny_module
 from tests.distributed import run_distributed
@@ -76,3 +76,19 @@ def test_two_process_loss_and_gradients_equal_one_process(
         assert result["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
         assert result["offset"] == rank
     assert len(reference_grads) > 4  # towers, projections and temperature all receive gradients
+
+
+def _sum_work(rank: int, world: int, out_dir: str) -> None:
+    values = torch.tensor([rank + 1.0, 10.0 * (rank + 1)])
+    summed = all_reduce_sum(values)
+    torch.save({"values": values, "summed": summed}, f"{out_dir}/sum{rank}.pt")
+
+
+def test_all_reduce_sum_gives_every_rank_the_total_and_leaves_the_input(tmp_path: Path) -> None:
+    values = torch.tensor([1.0, 2.0])
+    assert all_reduce_sum(values) is values  # one process: nothing to add
+    run_distributed(_sum_work, 2, tmp_path, str(tmp_path))
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"sum{rank}.pt")
+        assert saved["summed"].tolist() == [3.0, 30.0]
+        assert saved["values"].tolist() == [rank + 1.0, 10.0 * (rank + 1)]

@@ -59,7 +59,7 @@ from torch import Tensor
 from adaptalign.callbacks.log_steps import writes_logs
 from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import StepEmbeddings
-from adaptalign.lightning_modules.gather import distributed_world
+from adaptalign.lightning_modules.gather import all_reduce_sum, distributed_world
 
 _EPS = 1e-8
 MISSING_CLUSTERS = "ARL needs caption clusters: set data.clusters"
@@ -201,13 +201,6 @@ def _gather_rows(x: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
-
-
-def _all_reduce_sum(x: Tensor) -> Tensor:
-    if distributed_world()[1] > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
 
 
 # ---------------------------------------------------------------------------- callback
@@ -413,7 +406,7 @@ class ARL(L.Callback):
                     torch.tensor([float(terms.rows)], device=terms.entropy_sum.device),
                 ]
             ).to(device)
-        reduced = _all_reduce_sum(local)
+        reduced = all_reduce_sum(local)
         all_text = _gather_rows(text.float().to(device))
         all_labels = _gather_rows(labels.to(device))
         self.observe(reduced[:2], reduced[2:4], int(reduced[4]), all_text, all_labels)

@@ -16,13 +16,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from adaptalign.errors import CollapseWarning, ConfigurationError
-from adaptalign.lightning_modules.gather import distributed_world
+from adaptalign.lightning_modules.gather import all_reduce_sum
 
 RECALL_PREFIX = "val/i2t_R@"
 
@@ -47,13 +46,6 @@ def chance_recall(k: int, num_images: int, num_texts: int) -> tuple[float, float
 def chance_rsum(ks: Iterable[int], num_images: int, num_texts: int) -> float:
     """The rsum (both directions' R@K summed over ``ks``) a random ranking scores."""
     return sum(sum(chance_recall(k, num_images, num_texts)) for k in ks)
-
-
-def _all_reduce(values: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
-    if distributed_world()[1] > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=op)
-    return values
 
 
 class CollapseWatch(L.Callback):
@@ -114,7 +106,7 @@ class CollapseWatch(L.Callback):
         """
         if not self._steps:
             return None
-        totals = _all_reduce(torch.stack(self._steps))  # per step: loss sum, rows
+        totals = all_reduce_sum(torch.stack(self._steps))  # per step: loss sum, rows
         return totals[:, 0] / totals[:, 1] - totals[:, 1].log()
 
     # ----------------------------------------------------------------- validation
@@ -140,7 +132,7 @@ class CollapseWatch(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        images, texts = (int(v) for v in _all_reduce(self._counts.to(pl_module.device)).tolist())
+        images, texts = (int(v) for v in all_reduce_sum(self._counts.to(pl_module.device)).tolist())
         ks = sorted(
             int(key[len(RECALL_PREFIX) :])
             for key in trainer.callback_metrics

@@ -43,13 +43,13 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from adaptalign.callbacks.log_steps import writes_logs
 from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import Scalar, StepStatistics
+from adaptalign.lightning_modules.gather import all_reduce_sum
 
 SIGNALS = ("fixed", "variance", "entropy", "spread")
 MEASURES = ("variance", "entropy", "spread")
@@ -107,10 +107,7 @@ def signals_from_sums(sums: Tensor) -> Tensor:
 
 def reduce_signals(stats: StepStatistics) -> Tensor:
     """The signals of all ranks' rows; every rank gets the same values. Shape (3, 2)."""
-    sums = sufficient_sums(stats)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    return signals_from_sums(sums)
+    return signals_from_sums(all_reduce_sum(sufficient_sums(stats)))
 
 
 class LossWeighting(L.Callback):

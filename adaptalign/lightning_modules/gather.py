@@ -20,6 +20,17 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """``x`` summed over all ranks (a copy; ``x`` itself is left as it is); ``x`` on one process.
+
+    A collective call: every rank must make it.
+    """
+    if distributed_world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows (padded to ``longest``) forward; backward, the summed gradient of own rows.
 
