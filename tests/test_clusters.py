@@ -236,6 +236,8 @@ def test_size_buckets_and_from_labels() -> None:
     renumbered = Clustering.from_labels(np.array([7, 3, 3, 9, 3, 7]))
     assert renumbered.labels.tolist() == [1, 0, 0, 2, 0, 1]
     assert renumbered.sizes.tolist() == [3, 2, 1]
+    tied = Clustering.from_labels(np.array([5, 2, 2, 5, 8]))  # equal sizes: first appearance
+    assert tied.labels.tolist() == [0, 1, 1, 0, 2] and tied.sizes.tolist() == [2, 2, 1]
 
 
 def test_minibatch_path_finds_blobs() -> None:

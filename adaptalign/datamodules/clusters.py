@@ -90,11 +90,8 @@ class Clustering:
         """Renumber arbitrary labels by decreasing size (ties by first appearance); empty clusters
         disappear."""
         raw = np.asarray(labels, dtype=np.int64)
-        ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
-        order = np.lexsort((first, -counts))
-        remap = np.zeros(int(ids.max()) + 1 if ids.size else 0, dtype=np.int64)
-        remap[ids[order]] = np.arange(ids.size, dtype=np.int64)
-        return cls(labels=remap[raw], sizes=counts[order].astype(np.int64))
+        numbered = by_size(raw, np.ones(raw.size))
+        return cls(labels=numbered, sizes=np.bincount(numbered).astype(np.int64))
 
     def size_of(self, labels: np.ndarray) -> np.ndarray:
         """The size of each given label's cluster (how common that caption's concept is)."""
@@ -173,8 +170,8 @@ def _kmeans(
 
 
 def by_size(raw: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Distinct captions' raw labels renumbered by decreasing weighted size, ties by the first
-    caption (in sorted order) of each cluster; no label is left empty."""
+    """Raw labels renumbered by decreasing weighted size, ties by each label's first position
+    (for distinct captions: the first caption in sorted order); no label is left empty."""
     ids, first, inverse = np.unique(raw, return_index=True, return_inverse=True)
     sizes = np.bincount(inverse, weights=weights)
     order = np.lexsort((first, -sizes))
