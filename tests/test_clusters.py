@@ -251,12 +251,21 @@ def test_minibatch_path_finds_blobs() -> None:
     assert len(set(labels.tolist())) == 3
 
 
+def test_a_missing_text_model_names_the_cluster_setting(tmp_path: Path) -> None:
+    """Not the text tower's setting: the clusters load their own model."""
+    config = ClusterConfig(num_clusters=2, text_model=str(tmp_path / "no-such-model"))
+    with pytest.raises(
+        ConfigurationError, match=r"^data\.clusters\.text_model='[^']*no-such-model' looks like"
+    ):
+        cluster_captions(["a red circle", "a blue square"], config, None, progress=False)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("num_clusters", 0), ("num_clusters", True), ("num_clusters", 2.5), ("backend", "annoy")],
 )
 def test_config_validation(field: str, value: object) -> None:
-    with pytest.raises(ConfigurationError, match=rf"clusters\.{field}={value!r}; expected"):
+    with pytest.raises(ConfigurationError, match=rf"^data\.clusters\.{field}={value!r}; expected"):
         ClusterConfig(**{field: value})
 
 

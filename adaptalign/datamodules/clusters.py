@@ -52,6 +52,8 @@ REFINE_ITERATIONS = 20
 # Bump when the clustering procedure changes, so labels cached by an older one are not reused.
 # 2: distinct captions in sorted order, numbering by size with ties by that order, one thread.
 LABELS_VERSION = "2"
+# Where the settings below live on the command line and in configs, for error messages.
+SETTING = "data.clusters"
 
 
 @dataclass
@@ -66,10 +68,10 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         value = self.num_clusters
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigurationError(f"clusters.num_clusters={value!r}; expected an integer >= 1")
+            raise ConfigurationError(f"{SETTING}.num_clusters={value!r}; expected an integer >= 1")
         if self.backend not in BACKENDS:
             raise ConfigurationError(
-                f"clusters.backend={self.backend!r}; expected one of {', '.join(BACKENDS)}"
+                f"{SETTING}.backend={self.backend!r}; expected one of {', '.join(BACKENDS)}"
             )
 
 
@@ -213,7 +215,7 @@ def cluster_captions(
             len(distinct),
             k,
         )
-    model = load_text_model(config.text_model, MAX_TOKENS)
+    model = load_text_model(config.text_model, MAX_TOKENS, f"{SETTING}.text_model")
     computed: list[torch.Tensor] = []
 
     def embeddings() -> torch.Tensor:
