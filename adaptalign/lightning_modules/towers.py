@@ -11,7 +11,7 @@ import difflib
 import logging
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,17 +67,15 @@ def encode_by_length(
     texts: Sequence[str],
     size: int,
     encode: Callable[[list[str]], Tensor],
-    chunks: Callable[[range], Iterable[int]] = iter,
 ) -> Tensor:
     """``encode`` over chunks of ``size`` captions sorted by length; rows come back in input order.
 
     Each chunk pads only to its own longest caption. Character length stands in for token length,
-    which keeps tokenisation (and its padding side) to the model. ``chunks`` may wrap the chunk
-    starts, e.g. in a progress bar.
+    which keeps tokenisation (and its padding side) to the model.
     """
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(0)
-    for start in chunks(range(0, len(order), size)):
+    for start in range(0, len(order), size):
         index = order[start : start + size]
         rows = encode([texts[i] for i in index])
         if out.numel() == 0:
