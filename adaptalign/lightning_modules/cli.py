@@ -34,7 +34,7 @@ from adaptalign.datamodules.records import DatasetFormatError
 from adaptalign.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
 from adaptalign.lightning_modules.checkpoint_settings import warn_replaced_settings
-from adaptalign.lightning_modules.cli_checks import CheckedCLI
+from adaptalign.lightning_modules.cli_checks import CheckedCLI, command_settings
 from adaptalign.lightning_modules.run_folder import EVALUATIONS, command_logger
 from adaptalign.lightning_modules.system import AlignmentModule
 
@@ -93,27 +93,27 @@ class AlignmentCLI(CheckedCLI):
     def parse_arguments(self, parser: object, args: object) -> None:
         super().parse_arguments(parser, args)
         # Kept before Lightning replaces them with the model settings saved in --ckpt_path.
-        command = self.config.get("subcommand")
-        self.given_model = copy.deepcopy((self.config[command] if command else self.config).model)
+        self.given_model = copy.deepcopy(command_settings(self.config).model)
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
-        ckpt_path = self._get(self.config, "ckpt_path")
+        settings = command_settings(self.config)
+        ckpt_path = settings.get("ckpt_path")
         if ckpt_path and rank_zero_only.rank == 0:
-            warn_replaced_settings(ckpt_path, self.given_model, self._get(self.config, "model"))
+            warn_replaced_settings(ckpt_path, self.given_model, settings.get("model"))
         if self.subcommand in EVALUATIONS:  # its checkpoint callbacks' folders are not this run's
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
         elif ckpt_path:  # a run resumed in its own folder finds its checkpoints there
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = command_settings(self.config_init).get("trainer", {})
         strategy = trainer_config.get("strategy")
         if getattr(strategy, "_checkpoint_io", None) is None:  # a strategy object may bring one
             kwargs["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
         kwargs.update(with_parameter_summary(trainer_config))
-        ckpt_path = self._get(self.config, "ckpt_path")
-        logger = command_logger(self.subcommand, self._get(self.config, "trainer"), ckpt_path)
+        settings = command_settings(self.config)
+        logger = command_logger(self.subcommand, settings.get("trainer"), settings.get("ckpt_path"))
         if logger is not None:
             kwargs["logger"] = logger
         return super().instantiate_trainer(**kwargs)

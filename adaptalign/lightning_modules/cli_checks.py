@@ -30,7 +30,7 @@ import torch
 import yaml
 from fsspec.core import strip_protocol
 from fsspec.implementations.local import LocalFileSystem
-from jsonargparse import ActionSubCommands, ArgumentError, ArgumentParser
+from jsonargparse import ActionSubCommands, ArgumentError, ArgumentParser, Namespace
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -52,6 +52,12 @@ class SubcommandParser(LightningArgumentParser):
         action = super().add_subcommands(*args, **kwargs)
         self.subcommand_parsers = action.choices  # filled as the subcommands are added
         return action
+
+
+def command_settings(config: Namespace) -> Namespace:
+    """The settings of the config's subcommand (``fit``, ...), or the config itself without one."""
+    command = config.get("subcommand")
+    return config[command] if command else config
 
 
 class CheckedCLI(LightningCLI):
@@ -81,9 +87,7 @@ class CheckedCLI(LightningCLI):
         except ArgumentError as exc:
             argv = [str(a) for a in given] if isinstance(given, list | tuple) else []
             raise ConfigurationError(parse_error_line(exc, parser, argv)) from exc
-        command = self.config.get("subcommand")
-        if command:
-            check_ckpt_path(self.config[command].get("ckpt_path"))
+        check_ckpt_path(command_settings(self.config).get("ckpt_path"))
 
     def instantiate_classes(self) -> None:
         """A refusal raised while jsonargparse builds a class, without jsonargparse's wrapping."""
