@@ -206,6 +206,17 @@ def test_an_unknown_optimizer_or_momentum_is_refused(tiny_text_model: str) -> No
         tiny_module(tiny_text_model, optimizer="sgd", momentum=1.0)
 
 
+def test_a_non_finite_loss_outside_a_trainer_is_the_same_clear_error(
+    module: AlignmentModule, batch: dict
+) -> None:
+    from adaptalign.errors import NonFiniteLossError
+
+    assert module.attached_trainer() is None
+    module.controls.loss_scale = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"Training stopped; no checkpoint had been"):
+        module.training_step(batch, 0)
+
+
 def test_non_finite_loss_stops_with_the_batch_and_controls(
     tiny_text_model: str, tmp_path: Path, cache_dir: Path
 ) -> None:

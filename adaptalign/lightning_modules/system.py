@@ -244,6 +244,13 @@ class AlignmentModule(L.LightningModule):
         self.log("train/temperature", stats.temperature.mean(), batch_size=size)
         return {"loss": loss, "statistics": stats, "controls": controls}
 
+    def attached_trainer(self) -> L.Trainer | None:
+        """The trainer running the module, or ``None`` when it runs without one (as in tests)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's answer for a module not attached to a trainer
+            return None
+
     def _check_finite(self, loss: Tensor, batch: dict, batch_idx: int, controls: Controls) -> None:
         """Stop before a NaN or Inf reaches the weights; every rank stops if any rank must.
 
@@ -251,8 +258,9 @@ class AlignmentModule(L.LightningModule):
         far stay those of the last good step.
         """
         bad = not bool(torch.isfinite(loss.detach()))
-        if self._trainer is not None:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        trainer = self.attached_trainer()
+        if trainer is not None:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
         ids = batch.get("image_id")
@@ -282,7 +290,7 @@ class AlignmentModule(L.LightningModule):
 
         Every step before this one had a finite loss, so every checkpoint written so far is good.
         """
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         paths = []
         for callback in trainer.checkpoint_callbacks if trainer is not None else []:
             paths += [
@@ -367,7 +375,7 @@ class AlignmentModule(L.LightningModule):
         draws exactly what the interrupted run's next step would have.
         """
         saved = checkpoint.get("rng_states")
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         if not saved or trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return
         self._rng_to_restore = rng.for_rank(saved, trainer.global_rank, trainer.world_size)
