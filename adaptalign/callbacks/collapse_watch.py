@@ -95,9 +95,11 @@ class CollapseWatch(L.Callback):
         stats = outputs.get("statistics") if isinstance(outputs, dict) else None
         if stats is None or getattr(pl_module, "criterion", None) != "infonce":
             return
-        rows = stats.row_losses_i2t
-        loss_sum = (stats.row_losses_i2t.sum() + stats.row_losses_t2i.sum()) / 2
-        self._steps.append(torch.stack([loss_sum.float(), loss_sum.new_tensor(rows.numel())]))
+        loss_sum = ((stats.row_losses_i2t.sum() + stats.row_losses_t2i.sum()) / 2).float()
+        # new_full fills on the loss's device; new_tensor would copy from the host and wait there
+        # for the step's queued work, every step.
+        rows = loss_sum.new_full((), stats.row_losses_i2t.numel())
+        self._steps.append(torch.stack([loss_sum, rows]))
 
     def loss_gaps(self) -> Tensor | None:
         """Each step's mean loss minus ``log N``, over all processes' rows; None without steps.
