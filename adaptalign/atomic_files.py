@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -126,3 +126,22 @@ def write_atomic(target: str | Path, data: str | bytes) -> None:
     """``target`` gets ``data`` whole; readers never see a half-written file."""
     with atomic_write(target, "w" if isinstance(data, str) else "wb") as file:
         file.write(data)
+
+
+@contextmanager
+def exclusive(lock_path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Runs the block in one process at a time, by an exclusive ``flock`` on ``lock_path``.
+
+    For work that several processes would otherwise do side by side, such as two runs of a
+    comparison filling the same cache: the second waits and then finds the work done. The lock
+    dies with its holder, so a killed process never leaves the next one waiting. ``on_wait`` is
+    called once when another process holds the lock. Without ``flock`` the block runs unguarded.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as file:  # the lock goes with the close
+        if not _try_lock(file, blocking=False):
+            if on_wait is not None:
+                on_wait()
+            _try_lock(file, blocking=True)
+        yield

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from adaptalign.datamodules import frozen_features
+from adaptalign.datamodules import feature_cache, frozen_features
 from adaptalign.datamodules import generated as g
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.datasets import load_image
@@ -140,6 +142,30 @@ def test_rows_compute_only_missing_items(tmp_path: Path) -> None:
     encoder = FakeEncoder(small)
     cache.rows("text", "other", small, encoder, chunk_rows=2)
     assert encoder.asked == ["3", "1", "4"]
+
+
+def test_runs_side_by_side_fill_the_cache_once(tmp_path: Path, monkeypatch) -> None:
+    """While another process fills a model's folder, a second one waits and reads its rows."""
+    cache = FeatureCache(tmp_path)
+    keys = ["1", "2", "3"]
+    waiting = threading.Event()
+    monkeypatch.setattr(feature_cache, "say", lambda text: waiting.set())
+    encoder = FakeEncoder(keys)
+    result: list[torch.Tensor] = []
+    lock = cache.folder("text", "m") / feature_cache.FILLING_LOCK
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as other:  # the other process's hold on the folder
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        second = threading.Thread(
+            target=lambda: result.append(cache.rows("text", "m", keys, encoder, chunk_rows=2))
+        )
+        second.start()
+        assert waiting.wait(timeout=120), "the second run did not wait for the lock"
+        # What the other process computes while the second one waits.
+        cache.write_chunk("text", "m", keys, torch.stack([row(k) for k in keys]))
+    second.join(timeout=120)
+    assert encoder.asked == []
+    assert torch.equal(result[0], torch.stack([row(k) for k in keys]))
 
 
 KILLED_EXTRACTION = textwrap.dedent(

@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adaptalign.atomic_files import atomic_write
-from adaptalign.progress import Bar
+from adaptalign.atomic_files import atomic_write, exclusive
+from adaptalign.progress import Bar, say
 
 log = logging.getLogger(__name__)
 
 # Bump when what a model key covers changes, so entries of an older layout are never read.
 FORMAT_VERSION = 2
 CHUNK_PREFIX = "chunk-"
+FILLING_LOCK = ".filling.lock"
 
 
 def digest(parts: Iterable[bytes]) -> str:
@@ -159,10 +160,25 @@ class FeatureCache:
         first = {key: i for i, key in reversed(list(enumerate(keys)))}
         stored = self.read_rows(kind, model_key, set(first))
         missing = sorted(i for key, i in first.items() if key not in stored)
-        if missing:
-            log.info("feature cache: %d of %d %s items to compute", len(missing), len(first), kind)
-            report = bar(len(missing), len(first)) if bar is not None else None
-            self._compute(kind, model_key, keys, missing, compute, chunk_rows, report, stored)
+        if not missing:
+            return stored.gather(keys)
+        # Runs started side by side (a comparison's jobs) want the same items: one process fills
+        # the folder while the others wait, then read what it wrote and compute only the rest.
+        folder = self.folder(kind, model_key)
+        with exclusive(
+            folder / FILLING_LOCK,
+            on_wait=lambda: say(f"{kind} features: waiting for another process filling {folder}"),
+        ):
+            filled = self.read_rows(kind, model_key, {keys[i] for i in missing})
+            if len(filled):
+                stored.add(list(filled), filled.gather(list(filled)))
+                missing = [i for i in missing if keys[i] not in stored]
+            if missing:
+                log.info(
+                    "feature cache: %d of %d %s items to compute", len(missing), len(first), kind
+                )
+                report = bar(len(missing), len(first)) if bar is not None else None
+                self._compute(kind, model_key, keys, missing, compute, chunk_rows, report, stored)
         return stored.gather(keys)
 
     def _compute(
