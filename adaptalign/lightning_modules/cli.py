@@ -2,7 +2,7 @@
 
 Also ``adaptalign compare`` (methods over seeds and sizes), ``adaptalign stress`` (a checkpoint
 under noise), ``adaptalign tsne`` (a t-SNE view of a ``predict`` embedding file) and
-``adaptalign report`` (the README's results, rebuilt from the comparisons).
+``adaptalign report`` (docs/RESULTS.md and the README's summary, rebuilt from the comparisons).
 
 Every run saves its resolved config beside its TensorBoard logs, logs learning rates, keeps the best
 checkpoint by validation rsum plus the last one (each written whole or not at all, so a killed run
