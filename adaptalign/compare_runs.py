@@ -84,10 +84,14 @@ def fit_command(run: Run, overrides: Sequence[str]) -> list[str]:
         folder,
         "--trainer.logger.name",
         "",
+    ]
+    # The summary callback comes after the overrides, so an override of the last callback's
+    # settings (``--trainer.callbacks.init_args.gamma=0.5``) reaches the config's own callback.
+    summary = [
         "--trainer.callbacks+=adaptalign.callbacks.run_summary.RunSummary",
         f"--trainer.callbacks.output_path={run.summary_path}",
     ]
-    return [*command, *overrides]
+    return [*command, *overrides, *summary]
 
 
 @dataclass(frozen=True)

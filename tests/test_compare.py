@@ -593,6 +593,25 @@ def test_an_attempt_in_another_setting_is_not_continued(tmp_path: Path) -> None:
     assert resume_point(run, ["--trainer.max_epochs=3"]) is None  # finished: nothing to go on with
 
 
+def test_an_override_reaches_the_configs_last_callback(tmp_path: Path, capsys) -> None:
+    """Not the run summary the comparison adds: that one is appended after the overrides."""
+    from adaptalign.compare_runs import Run, fit_command
+
+    run = Run("arl", f"{TINY}+configs/methods/arl.yaml", 16, 0, tmp_path / "run")
+    command = fit_command(run, ["--trainer.callbacks.init_args.gamma=0.5"])
+    assert command[3] == "fit"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*command[3:], "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    settings = {
+        c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {})
+        for c in printed["trainer"]["callbacks"]
+    }
+    assert settings["ARL"]["gamma"] == 0.5
+    assert settings["RunSummary"]["output_path"] == str(run.summary_path)
+
+
 def test_stress_test_of_finished_runs(comparison: tuple[Path, str], tiny_text_model: str) -> None:
     """``--stress-rates`` evaluates each finished run's best checkpoint under noise, once."""
     output, _ = comparison
