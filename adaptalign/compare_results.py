@@ -317,7 +317,10 @@ def _categories(
                 capsize=4,
                 color=f"C{index}",
             )
-    axis.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0)
+    if len(names) > 3:  # slanted and anchored at their ends, so long names do not overlap
+        axis.set_xticks(range(len(names)), names, rotation=40, ha="right", rotation_mode="anchor")
+    else:
+        axis.set_xticks(range(len(names)), names)
     axis.set_xlim(-0.5, len(names) - 0.5)
     size = f" ({sizes[0]:,.0f} training images)" if sizes else ""
     axis.set_xlabel(f"config{size}")
