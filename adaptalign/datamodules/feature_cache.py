@@ -63,6 +63,11 @@ def text_digest(texts: Sequence[str]) -> str:
     return digest(t.encode() for t in texts)
 
 
+def first_positions(items: Sequence[str]) -> dict[str, int]:
+    """Each distinct item with the position of its first occurrence: repeats are computed once."""
+    return {item: i for i, item in reversed(list(enumerate(items)))}
+
+
 class Rows:
     """Feature rows looked up by item key, gathered from chunks and fresh computations."""
 
@@ -157,7 +162,7 @@ class FeatureCache:
         ``bar(missing, wanted)`` reports progress over the missing items (``wanted``: the
         distinct items asked for).
         """
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        first = first_positions(keys)
         stored = self.read_rows(kind, model_key, set(first))
         missing = sorted(i for key, i in first.items() if key not in stored)
         if not missing:

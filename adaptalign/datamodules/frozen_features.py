@@ -25,7 +25,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from adaptalign.datamodules.datasets import Transform, load_record_image
-from adaptalign.datamodules.feature_cache import FeatureCache, digest, module_digest
+from adaptalign.datamodules.feature_cache import (
+    FeatureCache,
+    digest,
+    first_positions,
+    module_digest,
+)
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.progress import Bar, progress_bar, say
@@ -210,7 +215,7 @@ def caption_features(
 
 
 def _uncached(items: list[str], compute: Callable[[list[int]], Batches]) -> Tensor:
-    first = {item: i for i, item in reversed(list(enumerate(items)))}
+    first = first_positions(items)
     rows: dict[str, Tensor] = {}
     for positions, batch in compute(sorted(first.values())):
         rows.update(zip((items[i] for i in positions), batch, strict=True))
