@@ -13,6 +13,7 @@ own, so a repeated run encodes nothing and a new ``num_clusters`` re-runs only k
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -216,12 +217,10 @@ def cluster_captions(
             k,
         )
     model = load_text_model(config.text_model, MAX_TOKENS, f"{SETTING}.text_model")
-    computed: list[torch.Tensor] = []
 
+    @functools.cache  # encoded at most once, and only when the labels or centroids need it
     def embeddings() -> torch.Tensor:
-        if not computed:
-            computed.append(embed_captions(model, distinct, cache, progress))
-        return computed[0]
+        return embed_captions(model, distinct, cache, progress)
 
     def labels() -> torch.Tensor:
         points = embeddings().numpy()
