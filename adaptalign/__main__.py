@@ -1,3 +1,3 @@
-from adaptalign.lightning_modules.cli import main
+from adaptalign.cli import main
 
-main()
+raise SystemExit(main())

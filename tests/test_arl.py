@@ -21,10 +21,10 @@ from adaptalign.callbacks.arl import (
     inverse_entropy_shares,
     update_prototypes,
 )
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.clusters import ClusterConfig
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
 from tests.builders import quiet_trainer, tiny_module
 from tests.distributed import run_distributed

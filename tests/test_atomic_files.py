@@ -9,15 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from adaptalign import atomic_files
-from adaptalign.atomic_files import atomic_write, remove_leftovers, temporary_path, write_atomic
+from adaptalign.common import atomic_files
+from adaptalign.common.atomic_files import (
+    atomic_open,
+    atomic_save,
+    remove_leftovers,
+    temporary_path,
+)
 
-# A writer at work: creates its temporary file the way atomic_write does and holds it locked.
+# A writer at work: creates its temporary file the way atomic_open does and holds it locked.
 LOCKED_WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from adaptalign.atomic_files import _open_locked
+    from adaptalign.common.atomic_files import _open_locked
     path, file = _open_locked(Path(sys.argv[1]), "wb")
     print(path, flush=True)
     sys.stdin.read()  # until the test closes its end
@@ -27,10 +32,10 @@ LOCKED_WRITER = textwrap.dedent(
 
 def test_a_write_replaces_the_target_and_leaves_nothing_else(tmp_path: Path) -> None:
     target = tmp_path / "deeper" / "summary.json"
-    write_atomic(target, "first\n")
-    write_atomic(target, "second\n")
+    atomic_save(target, "first\n")
+    atomic_save(target, "second\n")
     assert target.read_text() == "second\n"
-    with atomic_write(target.with_name("weights.bin")) as file:
+    with atomic_open(target.with_name("weights.bin")) as file:
         file.write(b"\x00\x01")
     assert sorted(p.name for p in target.parent.iterdir()) == ["summary.json", "weights.bin"]
     assert (target.parent / "weights.bin").read_bytes() == b"\x00\x01"
@@ -38,13 +43,13 @@ def test_a_write_replaces_the_target_and_leaves_nothing_else(tmp_path: Path) -> 
 
 def test_an_error_keeps_the_previous_content(tmp_path: Path) -> None:
     target = tmp_path / "last.ckpt"
-    write_atomic(target, b"good")
-    with pytest.raises(OSError, match="disk gone"), atomic_write(target) as file:
+    atomic_save(target, b"good")
+    with pytest.raises(OSError, match="disk gone"), atomic_open(target) as file:
         file.write(b"half")
         raise OSError("disk gone")
     assert target.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-    with pytest.raises(ValueError, match="mode='a'"), atomic_write(target, "a"):
+    with pytest.raises(ValueError, match="mode='a'"), atomic_open(target, "a"):
         pass
 
 
@@ -53,7 +58,7 @@ def test_leftovers_of_dead_writers_go_and_those_of_live_ones_stay(tmp_path: Path
     dead = [temporary_path(tmp_path / name) for name in ("last.ckpt", "best-epoch=3.ckpt")]
     for path in dead:
         path.write_bytes(b"half a checkpoint")  # nobody holds its lock: its writer was killed
-    unrelated = tmp_path / ".notes.tmp"  # not a name atomic_write makes: never touched
+    unrelated = tmp_path / ".notes.tmp"  # not a name atomic_open makes: never touched
     unrelated.write_text("mine")
     live = subprocess.Popen(
         [sys.executable, "-c", LOCKED_WRITER, str(tmp_path / "last.ckpt")],
@@ -64,7 +69,7 @@ def test_leftovers_of_dead_writers_go_and_those_of_live_ones_stay(tmp_path: Path
     try:
         in_progress = Path(live.stdout.readline().strip())
         assert in_progress.parent == tmp_path and in_progress.exists()
-        write_atomic(tmp_path / "last.ckpt", b"complete")
+        atomic_save(tmp_path / "last.ckpt", b"complete")
         kept = sorted(p.name for p in tmp_path.iterdir())
         assert kept == sorted(["last.ckpt", unrelated.name, in_progress.name])
     finally:
@@ -89,7 +94,7 @@ def test_a_file_deleted_before_its_writer_locks_it_is_replaced_by_another(
         return real_lock(file, blocking)
 
     monkeypatch.setattr(atomic_files, "_try_lock", cleaner_first)
-    write_atomic(tmp_path / "last.ckpt", b"complete")
+    atomic_save(tmp_path / "last.ckpt", b"complete")
     assert (tmp_path / "last.ckpt").read_bytes() == b"complete"
     assert len(names) == 2 and names[0] != names[1]
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from adaptalign.common.errors import DatasetFormatError
 from adaptalign.datamodules.datasets import TrainPairs, default_transform
 from adaptalign.datamodules.image_check import check_images
-from adaptalign.datamodules.records import DatasetFormatError
 from tests.test_formats import broken_images, records_for
 
 

@@ -9,8 +9,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from adaptalign.cli import main
 from adaptalign.datamodules.generated import SHAPES
-from adaptalign.lightning_modules.cli import main
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
-from adaptalign.lightning_modules.cli import AlignmentCLI, main
-from adaptalign.lightning_modules.cli_checks import check_ckpt_path, setting_keys
+from adaptalign.cli import main
+from adaptalign.lightning_cli.checks import check_ckpt_path, setting_keys
+from adaptalign.lightning_cli.cli import AlignmentCLI
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 EXPECTED = "expected a .ckpt file written by adaptalign fit, or last, best or hpc"
@@ -219,7 +220,7 @@ def test_other_parse_errors_are_one_line(
     nothing_built: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert error_line(["fti", "--config", TINY], capsys).startswith(
-        "argument subcommand: invalid choice: 'fti'"
+        "unknown subcommand 'fti' (did you mean 'fit'?); expected one of fit, validate,"
     )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules import clusters, frozen_features
 from adaptalign.datamodules.clusters import (
     ClusterConfig,
@@ -21,7 +22,6 @@ from adaptalign.datamodules.clusters import (
     size_buckets,
 )
 from adaptalign.datamodules.feature_cache import FeatureCache
-from adaptalign.errors import ConfigurationError
 from adaptalign.lightning_modules.towers import TextTower, TextTowerConfig
 from tests.captions import some_captions
 

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from adaptalign.callbacks.collapse_watch import CollapseWatch, chance_recall, chance_rsum
 from adaptalign.callbacks.run_summary import RunSummary
+from adaptalign.common.errors import CollapseWarning, ConfigurationError
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from adaptalign.errors import CollapseWarning, ConfigurationError
-from adaptalign.lightning_modules.cli import trainer_defaults
+from adaptalign.lightning_cli.cli import trainer_defaults
 from adaptalign.lightning_modules.controls import StepStatistics
 from adaptalign.lightning_modules.retrieval import RetrievalMetric
 from tests.builders import quiet_trainer, tiny_module

@@ -19,11 +19,18 @@ from matplotlib.backend_bases import RendererBase
 from matplotlib.figure import Figure
 from scipy import stats
 
-from adaptalign import compare_results
 from adaptalign.callbacks import run_summary
 from adaptalign.callbacks.run_summary import RunSummary
-from adaptalign.compare import build_parser, main, own_options, resolve_settings, split_overrides
-from adaptalign.compare_results import (
+from adaptalign.cli import main as cli_main
+from adaptalign.experiments import compare_results
+from adaptalign.experiments.compare import (
+    build_parser,
+    main,
+    own_options,
+    resolve_settings,
+    split_overrides,
+)
+from adaptalign.experiments.compare_results import (
     aggregate,
     bucket_table,
     describe,
@@ -33,8 +40,7 @@ from adaptalign.compare_results import (
     summary_row,
     write_results,
 )
-from adaptalign.compare_stress import aggregate_stress, stress_figure
-from adaptalign.lightning_modules.cli import main as cli_main
+from adaptalign.experiments.compare_stress import aggregate_stress, stress_figure
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
@@ -563,7 +569,7 @@ def test_an_interrupted_run_goes_on_from_its_last_checkpoint(
 
 def test_an_attempt_in_another_setting_is_not_continued(tmp_path: Path) -> None:
     """Other overrides, or a config file edited since, start afresh; so does a finished run."""
-    from adaptalign.compare_runs import (
+    from adaptalign.experiments.compare_runs import (
         Run,
         checkpoint_position,
         file_digests,
@@ -595,7 +601,7 @@ def test_an_attempt_in_another_setting_is_not_continued(tmp_path: Path) -> None:
 
 def test_an_override_reaches_the_configs_last_callback(tmp_path: Path, capsys) -> None:
     """Not the run summary the comparison adds: that one is appended after the overrides."""
-    from adaptalign.compare_runs import Run, fit_command
+    from adaptalign.experiments.compare_runs import Run, fit_command
 
     run = Run("arl", f"{TINY}+configs/methods/arl.yaml", 16, 0, tmp_path / "run")
     command = fit_command(run, ["--trainer.callbacks.init_args.gamma=0.5"])

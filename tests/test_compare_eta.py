@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptalign.compare_runs import Progress, Run, remaining_seconds
+from adaptalign.experiments.compare_runs import Progress, Run, remaining_seconds
 
 
 def test_the_first_round_is_left_out_and_later_runs_give_the_median() -> None:

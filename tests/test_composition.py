@@ -17,8 +17,9 @@ from adaptalign.callbacks.arl import ARL
 from adaptalign.callbacks.curriculum import ObjectCurriculum
 from adaptalign.callbacks.loss_weighting import LossWeighting
 from adaptalign.callbacks.temperature_schedule import TemperatureSchedule
-from adaptalign.errors import ConfigurationError
-from adaptalign.lightning_modules.cli import build_cli, main
+from adaptalign.cli import main
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.lightning_cli.cli import build_cli
 from adaptalign.lightning_modules.controls import Controls
 from tests.builders import final_validation
 

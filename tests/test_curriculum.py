@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.curriculum_sampler import (
     CurriculumBatchSampler,
     batch_purity,
     batch_statistics,
 )
-from adaptalign.errors import ConfigurationError
 from tests.distributed import run_distributed
 
 if TYPE_CHECKING:

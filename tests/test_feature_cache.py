@@ -32,7 +32,7 @@ from adaptalign.datamodules.frozen_features import (
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
-from adaptalign.lightning_modules.towers import load_text_model
+from adaptalign.encoders.text_models import load_text_model
 from tests.builders import quiet_trainer, tiny_module
 from tests.captions import some_captions
 from tests.distributed import run_distributed

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules import formats, image_check
 from adaptalign.datamodules.coco import read_coco_captions
 from adaptalign.datamodules.csv_captions import read_caption_csv
@@ -19,8 +20,7 @@ from adaptalign.datamodules.flickr import read_flickr8k, read_flickr30k_tokens
 from adaptalign.datamodules.formats import FORMATS, detect_format, read_dataset
 from adaptalign.datamodules.image_check import check_images
 from adaptalign.datamodules.karpathy import write_karpathy
-from adaptalign.datamodules.records import DatasetFormatError, Record
-from adaptalign.errors import ConfigurationError
+from adaptalign.datamodules.records import Record
 
 
 def write_lines(path: Path, *lines: str) -> Path:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from huggingface_hub import constants
 
-from adaptalign import hub
+from adaptalign.common import hub
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
 

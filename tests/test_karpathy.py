@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from adaptalign.common.errors import DatasetFormatError
 from adaptalign.datamodules.karpathy import read_karpathy, write_karpathy
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.records import Record
 
 
 def sentence(raw: str, sentid: int = 0) -> dict:

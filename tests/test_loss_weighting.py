@@ -17,7 +17,7 @@ from adaptalign.callbacks.loss_weighting import (
     signals_from_sums,
     sufficient_sums,
 )
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import Controls, StepStatistics
 from adaptalign.lightning_modules.losses import step_statistics
 from tests.distributed import run_distributed

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.noise import (
     NoiseConfig,
     caption_vocabulary,
@@ -16,7 +17,6 @@ from adaptalign.datamodules.noise import (
     plan_caption_noise,
     rng_for,
 )
-from adaptalign.errors import ConfigurationError
 
 CAPTION = "a small red circle above a large blue square near the left edge"
 VOCABULARY = ["apple", "banana", "cherry", "grape", "lemon", "mango"]

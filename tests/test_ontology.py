@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules.ontology import (
     Ontology,
     OntologyConfig,
@@ -16,8 +17,7 @@ from adaptalign.datamodules.ontology import (
     plural,
     words,
 )
-from adaptalign.datamodules.records import DatasetFormatError, Record
-from adaptalign.errors import ConfigurationError
+from adaptalign.datamodules.records import Record
 
 VOCABULARY = {
     "dog": ["dog", "puppy"],

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
+from adaptalign.common.progress import ProgressLines, progress_bar
 from adaptalign.datamodules.feature_cache import FeatureCache
 from adaptalign.datamodules.frozen_features import caption_features
 from adaptalign.datamodules.generated import GeneratedConfig, generate_dataset
-from adaptalign.lightning_modules.towers import load_text_model
-from adaptalign.progress import ProgressLines, progress_bar
+from adaptalign.encoders.text_models import load_text_model
 from tests.captions import some_captions
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adaptalign import report
-from adaptalign.lightning_modules.cli import main
+from adaptalign.cli import main
+from adaptalign.experiments import report
 
 METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
 README = """# project
@@ -95,9 +95,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_report(*args: str) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", "--config", "report.yaml", *args])
-    return exit_info.value.code
+    try:
+        return main(["report", "--config", "report.yaml", *args])
+    except SystemExit as exc:
+        return exc.code
 
 
 def test_report_writes_the_document_and_only_the_readme_summary(project: Path) -> None:
@@ -222,7 +223,7 @@ def test_bad_input_names_the_file_and_field(project: Path, change, message: str,
     change(project)
     assert run_report() == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("adaptalign report: error:")
+    assert err.startswith("adaptalign: error:")
     assert __import__("re").search(message, err), err
 
 
@@ -230,7 +231,6 @@ def test_only_an_unknown_section_is_refused(project: Path, capsys) -> None:
     assert run_report("--only", "done", "nevr") == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "adaptalign report: error: --only ['nevr']: no such section; expected among "
-        "['done', 'never']"
+        "adaptalign: error: --only ['nevr']: no such section; expected among ['done', 'never']"
     )
     assert not (project / "docs/RESULTS.md").exists()

@@ -16,15 +16,16 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import Dataset
 
+from adaptalign.cli import main
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.datasets import PairSampler
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.resumable import ResumableDataLoader
-from adaptalign.errors import ConfigurationError
+from adaptalign.lightning_cli.cli import build_cli, with_atomic_checkpoints
 from adaptalign.lightning_modules import rng
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
-from adaptalign.lightning_modules.cli import build_cli, main, with_atomic_checkpoints
 from tests.builders import final_validation, tiny_module
 from tests.distributed import run_distributed
 from tests.rng_ranks import gather_work
@@ -348,7 +349,7 @@ def test_a_comparison_run_killed_after_an_epoch_goes_on_where_it_stopped(
     recorded once."""
     import json
 
-    from adaptalign.compare_runs import Run, execute, fit_command
+    from adaptalign.experiments.compare_runs import Run, execute, fit_command
 
     monkeypatch.chdir(ROOT)  # ``-m`` puts it first on sys.path, so ``tests.killer`` imports
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

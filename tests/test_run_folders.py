@@ -15,7 +15,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from adaptalign.lightning_modules.cli import build_cli, main
+from adaptalign.cli import main
+from adaptalign.lightning_cli.cli import build_cli
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
@@ -114,7 +115,7 @@ def test_a_number_taken_after_the_listing_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process lists the same folders, then creates version_0 and version_1 first."""
-    from adaptalign.lightning_modules import run_folder
+    from adaptalign.lightning_cli import run_folder
 
     (tmp_path / "version_0").mkdir()
     (tmp_path / "version_1").mkdir()
@@ -125,7 +126,7 @@ def test_a_number_taken_after_the_listing_is_skipped(
 
 def test_a_version_chosen_in_the_config_is_kept(tmp_path: Path) -> None:
     """``adaptalign compare`` resumes a run by naming its folder; nothing else is claimed."""
-    from adaptalign.lightning_modules.run_folder import destination
+    from adaptalign.lightning_cli.run_folder import destination
 
     ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)

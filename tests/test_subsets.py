@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.datamodules.subsets import cap_captions, nested_subset, subset_size
-from adaptalign.errors import ConfigurationError
 
 
 def records(n: int) -> list[Record]:
@@ -98,7 +98,7 @@ def test_a_split_with_no_images_is_named(tmp_path: Path) -> None:
 
     from PIL import Image
 
-    from adaptalign.datamodules.records import DatasetFormatError
+    from adaptalign.common.errors import DatasetFormatError
 
     images = []
     for i, split in enumerate(["train", "train", "val"]):

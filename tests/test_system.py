@@ -198,7 +198,7 @@ def test_a_towers_gradient_scale_moves_sgd_and_cancels_in_adamw(
 
 
 def test_an_unknown_optimizer_or_momentum_is_refused(tiny_text_model: str) -> None:
-    from adaptalign.errors import ConfigurationError
+    from adaptalign.common.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="optimizer='adam'; expected 'adamw' or 'sgd'"):
         tiny_module(tiny_text_model, optimizer="adam")
@@ -209,7 +209,7 @@ def test_an_unknown_optimizer_or_momentum_is_refused(tiny_text_model: str) -> No
 def test_a_non_finite_loss_outside_a_trainer_is_the_same_clear_error(
     module: AlignmentModule, batch: dict
 ) -> None:
-    from adaptalign.errors import NonFiniteLossError
+    from adaptalign.common.errors import NonFiniteLossError
 
     assert module.attached_trainer() is None
     module.controls.loss_scale = float("nan")
@@ -223,9 +223,9 @@ def test_non_finite_loss_stops_with_the_batch_and_controls(
     """A NaN loss stops training before its backward pass; the last checkpoint stays good."""
     import lightning as L
 
+    from adaptalign.common.errors import NonFiniteLossError
     from adaptalign.datamodules.datamodule import AlignmentDataModule
     from adaptalign.datamodules.generated import GeneratedConfig
-    from adaptalign.errors import NonFiniteLossError
 
     class Poison(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -269,9 +269,9 @@ def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(
     temperature and the max-margin criterion's own margin are the ones shown."""
     import lightning as L
 
+    from adaptalign.common.errors import NonFiniteLossError
     from adaptalign.datamodules.datamodule import AlignmentDataModule
     from adaptalign.datamodules.generated import GeneratedConfig
-    from adaptalign.errors import NonFiniteLossError
 
     class Poison(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

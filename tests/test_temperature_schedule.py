@@ -13,10 +13,10 @@ from adaptalign.callbacks.temperature_schedule import (
     CosineTemperatureSchedule,
     TemperatureSchedule,
 )
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.clusters import ClusterConfig, tercile_bounds
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from adaptalign.errors import ConfigurationError
 from tests.builders import quiet_trainer, tiny_module
 
 

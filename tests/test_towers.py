@@ -15,14 +15,14 @@ import torch
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
-from adaptalign import hub
-from adaptalign.errors import ConfigurationError
+from adaptalign.common import hub
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.encoders.text_models import resolve_text_model
 from adaptalign.lightning_modules.towers import (
     ImageTower,
     ImageTowerConfig,
     TextTower,
     TextTowerConfig,
-    resolve_text_model,
 )
 
 

@@ -15,22 +15,22 @@ from PIL import Image
 
 from adaptalign.callbacks import tsne_view
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
-from adaptalign.callbacks.tsne_view import (
-    TSNEView,
+from adaptalign.callbacks.tsne_view import TSNEView, projector_metadata
+from adaptalign.cli import main as cli_main
+from adaptalign.common import tsne
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.common.tsne import (
     first_caption_clusters,
-    main,
     primary_objects,
-    projector_metadata,
     subsample,
     tsne_coordinates,
     tsne_figure,
-    tsne_from_predictions,
     view_figure,
 )
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.records import Record
-from adaptalign.errors import ConfigurationError
+from adaptalign.experiments.tsne import tsne_from_predictions
 from tests.builders import quiet_trainer, tiny_module
 
 FAST = {"perplexity": 5.0, "max_iter": 250}
@@ -370,7 +370,12 @@ def test_view_from_a_predictions_file(tiny_text_model: str, tmp_path: Path, caps
     assert out == tmp_path / "view.png"
     assert_png(out)
     capsys.readouterr()
-    assert main([str(written), "--max-points", "3", "--perplexity", "4", "--max-iter", "250"]) == 0
+    assert (
+        cli_main(
+            ["tsne", str(written), "--max-points", "3", "--perplexity", "4", "--max-iter", "250"]
+        )
+        == 0
+    )
     default = tmp_path / "embeddings_test_tsne.png"
     assert_png(default)
     printed = capsys.readouterr().out
@@ -397,7 +402,7 @@ def test_a_predictions_file_with_objects_colours_by_them(tmp_path: Path) -> None
     }
     drawn = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tsne_view, "plot_coordinates", lambda *a, **k: drawn.append(k))
+        patch.setattr(tsne, "plot_coordinates", lambda *a, **k: drawn.append(k))
         good = write(tmp_path / "good.pt", {**data, "image_objects": ["a", "b", "", "a"]})
         tsne_from_predictions(good, tmp_path / "x.png", **FAST)
     assert drawn == [{"image_objects": ["a", "b", "", "a"]}]
@@ -450,6 +455,8 @@ def test_bad_prediction_files_are_named(tmp_path: Path, capsys) -> None:
     )
     with pytest.raises(ConfigurationError, match=r"shaped\.pt: expected image_embeddings"):
         tsne_from_predictions(shaped, tmp_path / "x.png")
-    assert main([str(missing)]) == 2
-    assert "adaptalign tsne: error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        cli_main(["tsne", str(missing)])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.startswith(f"adaptalign: error: {missing}: embeddings file")
     assert not (tmp_path / "x.png").exists()

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adaptalign.callbacks.log_steps import writes_logs
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import StepEmbeddings
 from adaptalign.lightning_modules.gather import all_reduce_sum, distributed_world
 

@@ -4,9 +4,9 @@ A model whose embeddings no longer tell pairs apart (every image and caption map
 projections a learning rate has killed) trains on without an error: with all similarities equal,
 each InfoNCE row is a uniform softmax over its ``N`` candidates and its loss is exactly ``log N``,
 and validation recall is that of a random ranking. :class:`CollapseWatch` checks both after every
-epoch, warns (:class:`~adaptalign.errors.CollapseWarning`), logs ``collapse/flag`` and keeps the
-flagged epochs, which :class:`~adaptalign.callbacks.run_summary.RunSummary` writes into
-``summary.json``.
+epoch, warns (:class:`~adaptalign.common.errors.CollapseWarning`), logs ``collapse/flag``
+and keeps the flagged epochs, which :class:`~adaptalign.callbacks.run_summary.RunSummary` writes
+into ``summary.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from adaptalign.errors import CollapseWarning, ConfigurationError
+from adaptalign.common.errors import CollapseWarning, ConfigurationError
 from adaptalign.lightning_modules.gather import all_reduce_sum
 
 RECALL_PREFIX = "val/i2t_R@"

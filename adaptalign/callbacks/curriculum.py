@@ -23,8 +23,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler, batch_purity
-from adaptalign.errors import ConfigurationError
 
 Schedule = Literal["switch", "ramp"]
 SCHEDULES = ("switch", "ramp")

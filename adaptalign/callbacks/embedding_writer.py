@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from adaptalign.atomic_files import atomic_write
-from adaptalign.callbacks.tsne_view import primary_objects
+from adaptalign.common.atomic_files import atomic_open
+from adaptalign.common.tsne import primary_objects
 
 
 class EmbeddingWriter(BasePredictionWriter):
@@ -57,7 +57,7 @@ class EmbeddingWriter(BasePredictionWriter):
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         else:
             path = self._target(trainer)
-        with atomic_write(path) as file:
+        with atomic_open(path) as file:
             torch.save(result, file)
         self.written = path
         print(

@@ -47,7 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from adaptalign.callbacks.log_steps import writes_logs
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import Scalar, StepStatistics
 from adaptalign.lightning_modules.gather import all_reduce_sum
 

@@ -22,8 +22,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
-from adaptalign.atomic_files import write_atomic
 from adaptalign.callbacks.collapse_watch import CollapseWatch
+from adaptalign.common.atomic_files import atomic_save
 
 PREFIX = "val/"
 # The clock ``wall_seconds`` counts with (tests replace it, so no result depends on timing).
@@ -107,7 +107,7 @@ class RunSummary(L.Callback):
             return
         summary = self.summary(trainer)
         # Written whole or not at all: a half-written summary would mark a run as finished.
-        write_atomic(self.output_path, json.dumps(summary, indent=2) + "\n")
+        atomic_save(self.output_path, json.dumps(summary, indent=2) + "\n")
         self._record_clock(summary["wall_seconds"])
 
     def on_exception(
@@ -118,7 +118,7 @@ class RunSummary(L.Callback):
 
     def _record_clock(self, seconds: float) -> None:
         record = {"run_id": self.run_id, "wall_seconds": seconds}
-        write_atomic(self.clock_path, json.dumps(record) + "\n")
+        atomic_save(self.clock_path, json.dumps(record) + "\n")
 
     def _recorded_seconds(self) -> float:
         """The total an earlier attempt of this run recorded when it ended; 0 if none did."""

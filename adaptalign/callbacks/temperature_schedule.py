@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from adaptalign.callbacks.log_steps import writes_logs
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.clusters import tercile_bounds
-from adaptalign.errors import ConfigurationError
 
 
 class TemperatureSchedule(L.Callback):

@@ -28,11 +28,11 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.common.progress import say
 from adaptalign.datamodules.feature_cache import FeatureCache, digest, text_digest
 from adaptalign.datamodules.frozen_features import caption_features, text_model_key
-from adaptalign.errors import ConfigurationError
-from adaptalign.lightning_modules.towers import TextTowerConfig, load_text_model
-from adaptalign.progress import say
+from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ MINIBATCH_ABOVE = 20_000
 FAISS_ABOVE = 50_000
 # Captions are short; the text tower's token budget keeps embeddings comparable with training, and
 # the same budget lets clusters share the frozen text tower's cached rows.
-MAX_TOKENS = TextTowerConfig.max_length
+MAX_TOKENS = DEFAULT_MAX_TOKENS
 # Full k-means passes that polish mini-batch centres.
 REFINE_ITERATIONS = 20
 # Bump when the clustering procedure changes, so labels cached by an older one are not reused.

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules.flickr import SHOWN, seeded_split, shorten
-from adaptalign.datamodules.records import DatasetFormatError, Record, load_json_object
-from adaptalign.errors import ConfigurationError
+from adaptalign.datamodules.records import Record, load_json_object
 
 log = logging.getLogger(__name__)
 

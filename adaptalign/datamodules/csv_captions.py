@@ -11,9 +11,10 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
+from adaptalign.common.errors import DatasetFormatError
 from adaptalign.datamodules.flickr import seeded_split, shorten
 from adaptalign.datamodules.karpathy import SPLITS
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.records import Record
 
 REQUIRED_COLUMNS = ("image", "caption")
 IMAGE_FOLDER = "Images"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError
 
 
 def _is_int(value: object) -> bool:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules.clusters import (
     ClusterConfig,
     Clustering,
@@ -48,10 +49,9 @@ from adaptalign.datamodules.ontology import (
     format_summary,
     load_image_tags,
 )
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.datamodules.records import Record
 from adaptalign.datamodules.resumable import ResumableDataLoader
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
-from adaptalign.errors import ConfigurationError
 
 Split = Literal["train", "val", "test"]
 Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco"]

@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.common.errors import DatasetFormatError
+from adaptalign.datamodules.records import Record
 
 if TYPE_CHECKING:
     from adaptalign.datamodules.frozen_features import FrozenFeatures

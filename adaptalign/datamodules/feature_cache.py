@@ -7,7 +7,7 @@ a stale row is never read. Items are computed only when missing, so a run extrac
 and a later, larger run adds the rest.
 
 Rows are written in chunks of a few thousand items, each chunk a whole file written through
-:mod:`adaptalign.atomic_files`: a killed extraction leaves its completed chunks (the next run
+:mod:`adaptalign.common.atomic_files`: a killed extraction leaves its completed chunks (the next run
 resumes after them) and never a torn one. There is no index to keep in step: loading opens every
 chunk of the model's folder memory-mapped, reads its item keys and copies only the rows asked for.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adaptalign.atomic_files import atomic_write, exclusive
-from adaptalign.progress import Bar, say
+from adaptalign.common.atomic_files import atomic_open, exclusive
+from adaptalign.common.progress import Bar, say
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class FeatureCache:
         path = self.folder(kind, model_key) / f"{CHUNK_PREFIX}{text_digest(keys)}.pt"
         # The keys as one string: unpickling thousands of small strings would take longer than
         # reading the rows.
-        with atomic_write(path) as handle:
+        with atomic_open(path) as handle:
             torch.save({"keys": "\n".join(keys), "features": features.contiguous()}, handle)
         return path
 
@@ -251,7 +251,7 @@ class FeatureCache:
         return features
 
     def save(self, path: Path, features: Tensor, meta: dict) -> None:
-        with atomic_write(path) as handle:
+        with atomic_open(path) as handle:
             torch.save({"features": features.contiguous(), "meta": meta}, handle)
 
     def get_or_compute(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptalign.datamodules.records import DatasetFormatError, Record
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
+from adaptalign.datamodules.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules.coco import read_coco_captions
 from adaptalign.datamodules.csv_captions import REQUIRED_COLUMNS, header_columns, read_caption_csv
 from adaptalign.datamodules.flickr import read_flickr8k, read_flickr30k_tokens
 from adaptalign.datamodules.karpathy import read_karpathy
-from adaptalign.datamodules.records import DatasetFormatError, Record
-from adaptalign.errors import ConfigurationError
+from adaptalign.datamodules.records import Record
 
 FORMATS = ("karpathy", "flickr8k", "flickr30k", "csv", "coco")
 FIXED_SPLITS = ("karpathy", "flickr8k")  # formats whose files define the split

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from adaptalign.common.progress import Bar, progress_bar, say
 from adaptalign.datamodules.datasets import Transform, load_record_image
 from adaptalign.datamodules.feature_cache import (
     FeatureCache,
@@ -33,7 +34,7 @@ from adaptalign.datamodules.feature_cache import (
 )
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
-from adaptalign.progress import Bar, progress_bar, say
+from adaptalign.encoders.length_sorted import length_batches, token_lengths
 
 # Rows per forward pass (part of the model key, since they shape the last bits of every row).
 IMAGE_BATCH = 64
@@ -116,24 +117,6 @@ def encode_images(
             rows = tower.features(full_batch(images, IMAGE_BATCH).to(device))[:count]
         yield list(range(start, start + count)), rows.float().cpu()
         start += count
-
-
-def token_lengths(backbone: nn.Module, captions: Sequence[str]) -> list[int]:
-    """Each caption's token count as the backbone tokenises it (truncated to its budget)."""
-    tokenize = getattr(backbone, "preprocess", None) or backbone.tokenize
-    return tokenize(list(captions))["attention_mask"].sum(dim=1).tolist()
-
-
-def length_batches(captions: Sequence[str], lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Positions in batches of at most ``size`` captions of one token length (then by text)."""
-    batches: list[list[int]] = []
-    for i in sorted(range(len(captions)), key=lambda i: (lengths[i], captions[i])):
-        last = batches[-1] if batches else None
-        if last is not None and len(last) < size and lengths[last[0]] == lengths[i]:
-            last.append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def encode_texts(backbone: nn.Module, captions: Sequence[str]) -> Batches:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.common.progress import progress_bar, say
 from adaptalign.datamodules.karpathy import write_karpathy
-from adaptalign.errors import ConfigurationError
-from adaptalign.progress import progress_bar, say
 
 FORMAT_VERSION = 1  # bump whenever the same config would produce different files
 DATASET_FILE = "dataset_generated.json"

@@ -17,7 +17,8 @@ from pathlib import Path
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from adaptalign.datamodules.records import DatasetFormatError, Record
+from adaptalign.common.errors import DatasetFormatError
+from adaptalign.datamodules.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adaptalign.atomic_files import write_atomic
-from adaptalign.datamodules.records import DatasetFormatError, Record, load_json_object
+from adaptalign.common.atomic_files import atomic_save
+from adaptalign.common.errors import DatasetFormatError
+from adaptalign.datamodules.records import Record, load_json_object
 
 SPLITS: dict[str, str] = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
@@ -157,4 +158,4 @@ def write_karpathy(
     path = Path(path)
     top: dict[str, Any] = {"dataset": dataset, "images": images, **(extra or {})}
     text = json.dumps(top, ensure_ascii=False)
-    write_atomic(path, text + "\n")
+    atomic_save(path, text + "\n")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageFilter
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.records import Record
-from adaptalign.errors import ConfigurationError
 
 CAPTION_OPS = ("dropout", "swap", "replace")
 IMAGE_OPS = ("gaussian", "blur")

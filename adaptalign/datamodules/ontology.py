@@ -38,13 +38,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from adaptalign.datamodules.records import (
-    DatasetFormatError,
-    Record,
-    load_json_object,
-    parse_json_object,
-)
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
+from adaptalign.datamodules.records import Record, load_json_object, parse_json_object
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class DatasetFormatError(ValueError):
-    """Bad dataset input; the message names the file, the position, the field and what was expected.
-
-    A ``ValueError`` so callers that only know "bad value" still catch it, yet distinct so the
-    command line can report it as one clear line instead of a traceback.
-    """
+from adaptalign.common.errors import DatasetFormatError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError
 
 
 def _is_count(value: object) -> bool:

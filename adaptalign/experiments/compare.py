@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from adaptalign.atomic_files import write_atomic
-from adaptalign.compare_results import markdown_table, write_results
-from adaptalign.compare_runs import (
+from adaptalign.common.atomic_files import atomic_save
+from adaptalign.experiments.compare_results import markdown_table, write_results
+from adaptalign.experiments.compare_runs import (
     Run,
     TrainImages,
     discover_runs,
@@ -35,7 +35,7 @@ from adaptalign.compare_runs import (
     run_all,
     size_label,
 )
-from adaptalign.compare_stress import run_stress, write_stress_report
+from adaptalign.experiments.compare_stress import run_stress, write_stress_report
 
 SETTINGS = (
     "configs",
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     settings.output.mkdir(parents=True, exist_ok=True)
-    write_atomic(settings.output / "comparison.yaml", settings_document(settings))
+    atomic_save(settings.output / "comparison.yaml", settings_document(settings))
     to_go = sum(not run.finished() for run in runs)
     print(f"{len(runs)} runs, {to_go} to go; output {settings.output}", flush=True)
     failures = run_all(runs, settings.overrides, options.jobs)

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptalign.atomic_files import write_atomic
-from adaptalign.compare_results import summary_row
+from adaptalign.common.atomic_files import atomic_save
+from adaptalign.experiments.compare_results import summary_row
 
 TrainImages = int | float | None
 LOG_TAIL_LINES = 15
@@ -174,7 +174,7 @@ def execute(
             "arguments": command[1:],
             "files": file_digests(command[1:]),
         }
-        write_atomic(run.folder / "run.json", json.dumps(record, indent=2) + "\n")
+        atomic_save(run.folder / "run.json", json.dumps(record, indent=2) + "\n")
     else:
         version = checkpoint.parent.parent.name  # a string, so the logger keeps the folder name
         command += ["--ckpt_path", str(checkpoint), "--trainer.logger.version", version]

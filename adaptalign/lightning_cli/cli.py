@@ -1,9 +1,5 @@
 """``adaptalign fit|validate|test|predict --config ...``: the Lightning CLI over system and data.
 
-Also ``adaptalign compare`` (methods over seeds and sizes), ``adaptalign stress`` (a checkpoint
-under noise), ``adaptalign tsne`` (a t-SNE view of a ``predict`` embedding file) and
-``adaptalign report`` (docs/RESULTS.md and the README's summary, rebuilt from the comparisons).
-
 Every run saves its resolved config beside its TensorBoard logs, logs learning rates, keeps the best
 checkpoint by validation rsum plus the last one (each written whole or not at all, so a killed run
 never leaves a truncated checkpoint), and ``predict`` writes embeddings to a file.
@@ -14,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import warnings
 
 from lightning.pytorch import Trainer
@@ -23,19 +18,15 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from adaptalign import compare, report, stress_test
-from adaptalign.callbacks import tsne_view
 from adaptalign.callbacks.collapse_watch import CollapseWatch
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.callbacks.final_report import FinalReport
 from adaptalign.callbacks.parameter_summary import with_parameter_summary
 from adaptalign.datamodules.datamodule import AlignmentDataModule
-from adaptalign.datamodules.records import DatasetFormatError
-from adaptalign.errors import ConfigurationError, NonFiniteLossError
+from adaptalign.lightning_cli.checkpoint_settings import warn_replaced_settings
+from adaptalign.lightning_cli.checks import CheckedCLI, command_settings
+from adaptalign.lightning_cli.run_folder import EVALUATIONS, command_logger
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
-from adaptalign.lightning_modules.checkpoint_settings import warn_replaced_settings
-from adaptalign.lightning_modules.cli_checks import CheckedCLI, command_settings
-from adaptalign.lightning_modules.run_folder import EVALUATIONS, command_logger
 from adaptalign.lightning_modules.system import AlignmentModule
 
 ATOMIC_CHECKPOINT_IO = "adaptalign.lightning_modules.checkpoint_io.AtomicCheckpointIO"
@@ -137,30 +128,11 @@ def without_tips(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("💡 Tip")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point; user errors print ``adaptalign: error: ...`` and exit with status 2."""
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["compare"]:
-        return compare.main(argv[1:])
-    if argv[:1] == ["stress"]:
-        raise SystemExit(stress_test.main(argv[1:]))
-    if argv[:1] == ["tsne"]:
-        raise SystemExit(tsne_view.main(argv[1:]))
-    if argv[:1] == ["report"]:
-        raise SystemExit(report.main(argv[1:]))
+def main(args: list[str]) -> None:
+    """``fit``, ``validate``, ``test`` or ``predict`` and its options (``adaptalign.cli`` turns
+    errors into its one-line messages)."""
     # Frozen towers are in eval mode on purpose; say so once in the docs, not at every run.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(without_tips)
-    try:
-        build_cli(args)
-    except (ConfigurationError, DatasetFormatError) as exc:
-        print(f"adaptalign: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-    except NonFiniteLossError as exc:
-        print(f"adaptalign: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
-
-
-if __name__ == "__main__":
-    main()
+    build_cli(args)

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adaptalign.atomic_files import write_atomic
+from adaptalign.common.atomic_files import atomic_save
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.noise import NoiseConfig
-from adaptalign.errors import ConfigurationError
 
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.5)
 MODALITIES = ("text", "image", "both")
@@ -99,7 +99,7 @@ def without_subcommand_keys(cli_args: list[str], folder: Path) -> list[str]:
 
 def evaluate(cli_args: list[str], options: argparse.Namespace) -> list[dict[str, Any]]:
     """One validation per rate with the same model, data and checkpoint."""
-    from adaptalign.lightning_modules.cli import build_cli
+    from adaptalign.lightning_cli.cli import build_cli
 
     ckpt = Path(options.ckpt_path)
     if not ckpt.is_file():
@@ -163,27 +163,23 @@ def write(rows: Sequence[dict[str, Any]], output: Path, modality: str) -> None:
     import io
 
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "stress.json", json.dumps(list(rows), indent=2) + "\n")
+    atomic_save(output / "stress.json", json.dumps(list(rows), indent=2) + "\n")
     fields = ["rate", "modality", *RECALLS, "rsum", "i2t_medr", "t2i_medr"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(output / "stress.csv", buffer.getvalue())
-    write_atomic(
+    atomic_save(output / "stress.csv", buffer.getvalue())
+    atomic_save(
         output / "stress.md",
         f"# Noise stress test ({modality})\n\nValidation retrieval in %.\n\n" + table(rows),
     )
-    write_atomic(output / "stress.png", plot(rows, f"retrieval under {modality} noise"))
+    atomic_save(output / "stress.png", plot(rows, f"retrieval under {modality} noise"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options, cli_args = build_parser().parse_known_args(argv)
-    try:
-        rows = evaluate(cli_args, options)
-    except ConfigurationError as exc:
-        print(f"adaptalign stress: error: {exc}", file=sys.stderr)
-        return 2
+    rows = evaluate(cli_args, options)
     output = Path(options.output or Path(options.ckpt_path).parent / f"stress_{options.modality}")
     write(rows, output, options.modality)
     print(table(rows), end="")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adaptalign.atomic_files import write_atomic
+from adaptalign.common.atomic_files import atomic_save
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -350,7 +350,7 @@ def write_results(
     """
     groups = aggregate(rows)
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "results.csv", csv_text(rows))
-    write_atomic(output / "results.md", report_markdown(groups))
-    write_atomic(output / "results.png", plot_png(groups, title or output.resolve().name))
+    atomic_save(output / "results.csv", csv_text(rows))
+    atomic_save(output / "results.md", report_markdown(groups))
+    atomic_save(output / "results.png", plot_png(groups, title or output.resolve().name))
     return groups

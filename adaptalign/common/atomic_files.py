@@ -99,7 +99,7 @@ def remove_leftovers(folder: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_write(target: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_open(target: str | Path, mode: str = "wb") -> Iterator[IO]:
     """An open temporary file that becomes ``target`` when the block ends without an error.
 
     On an error the temporary file is deleted and ``target`` keeps its previous content.
@@ -122,9 +122,9 @@ def atomic_write(target: str | Path, mode: str = "wb") -> Iterator[IO]:
     remove_leftovers(target.parent)
 
 
-def write_atomic(target: str | Path, data: str | bytes) -> None:
+def atomic_save(target: str | Path, data: str | bytes) -> None:
     """``target`` gets ``data`` whole; readers never see a half-written file."""
-    with atomic_write(target, "w" if isinstance(data, str) else "wb") as file:
+    with atomic_open(target, "w" if isinstance(data, str) else "wb") as file:
         file.write(data)
 
 

@@ -5,6 +5,14 @@ class ConfigurationError(ValueError):
     """A setting or file the user gave cannot be used; the message names it and what it expected."""
 
 
+class DatasetFormatError(ValueError):
+    """Bad dataset input; the message names the file, the position, the field and what was expected.
+
+    A ``ValueError`` so callers that only know "bad value" still catch it, yet distinct so the
+    command line can report it as one clear line instead of a traceback.
+    """
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the message names the step, batch and controls."""
 

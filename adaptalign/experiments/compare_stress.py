@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptalign.atomic_files import write_atomic
-from adaptalign.compare_results import (
+from adaptalign.common.atomic_files import atomic_save
+from adaptalign.experiments.compare_results import (
     describe,
     figure_png,
     format_stat,
@@ -27,7 +27,7 @@ from adaptalign.compare_results import (
     metric_label,
     new_figure,
 )
-from adaptalign.compare_runs import Run, size_label
+from adaptalign.experiments.compare_runs import Run, size_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -198,10 +198,10 @@ def write_stress_report(
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(output / "results_stress.csv", buffer.getvalue())
+    atomic_save(output / "results_stress.csv", buffer.getvalue())
     markdown = stress_markdown(groups, modality)
-    write_atomic(output / "results_stress.md", markdown)
+    atomic_save(output / "results_stress.md", markdown)
     plot = stress_plot(groups, modality, title or output.resolve().name)
-    write_atomic(output / "results_stress.png", plot)
+    atomic_save(output / "results_stress.png", plot)
     print(f"\n{markdown}", flush=True)
     return True

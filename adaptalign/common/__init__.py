@@ -1,0 +1,1 @@
+"""Helpers every floor may use: atomic files, errors, hub probing, progress lines."""

@@ -1,0 +1,1 @@
+"""What the system and the data side both need from pre-trained encoders: loading, batching."""

@@ -1,0 +1,1 @@
+"""What runs many runs: comparisons, stress tests, t-SNE views of saved embeddings, reports."""
