@@ -21,7 +21,7 @@ from adaptalign.cli import main
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_cli.cli import build_cli
 from adaptalign.lightning_modules.controls import Controls
-from tests.builders import final_validation
+from tests.builders import COMBINED_METHODS, final_validation
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -33,8 +33,7 @@ def combined_args(text_model: str, tmp_path: Path) -> list[str]:
     return [
         "--config",
         TINY,
-        "--config",
-        str(CONFIGS / "methods" / "combined.yaml"),
+        *(arg for layer in COMBINED_METHODS for arg in ("--config", layer)),
         f"--model.text_tower.model_name={text_model}",
         f"--data.clusters.text_model={text_model}",
         "--data.clusters.num_clusters=4",

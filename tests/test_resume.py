@@ -26,13 +26,12 @@ from adaptalign.datamodules.resumable import ResumableDataLoader
 from adaptalign.lightning_cli.cli import build_cli, with_atomic_checkpoints
 from adaptalign.lightning_modules import rng
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
-from tests.builders import final_validation, tiny_module
+from tests.builders import COMBINED_METHODS, final_validation, tiny_module
 from tests.distributed import run_distributed
 from tests.rng_ranks import gather_work
 
 ROOT = Path(__file__).parents[1]
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
-COMBINED = str(ROOT / "configs" / "methods" / "combined.yaml")
 
 
 # ----------------------------------------------------------------------- the loader
@@ -249,13 +248,15 @@ def test_every_process_resumes_with_its_own_generator_states(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------ killed and resumed runs
-def fit_args(text_model: str, root: Path, cache: Path, overlay: str | None, workers: int) -> list:
+def fit_args(
+    text_model: str, root: Path, cache: Path, overlay: list[str] | None, workers: int
+) -> list:
     """A two-epoch tiny run that checkpoints every step into ``root/steps``."""
     return [
         "fit",
         "--config",
         TINY,
-        *(["--config", overlay] if overlay else []),
+        *(arg for layer in overlay or () for arg in ("--config", layer)),
         f"--model.text_tower.model_name={text_model}",
         *(
             [f"--data.clusters.text_model={text_model}", "--data.clusters.num_clusters=4"]
@@ -300,11 +301,11 @@ def assert_same(a: object, b: object, where: str) -> None:
 
 @pytest.mark.parametrize(
     ("overlay", "workers"),
-    [(None, 1), (COMBINED, 0)],
+    [(None, 1), (COMBINED_METHODS, 0)],
     ids=["random-sampler-1-worker", "combined-methods-curriculum"],
 )
 def test_a_run_killed_mid_epoch_resumes_exactly(
-    overlay: str | None, workers: int, tiny_text_model: str, tmp_path: Path
+    overlay: list[str] | None, workers: int, tiny_text_model: str, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
     whole, killed = tmp_path / "whole", tmp_path / "killed"

@@ -14,8 +14,9 @@ import warnings
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from adaptalign.callbacks.collapse_watch import CollapseWatch
@@ -25,6 +26,7 @@ from adaptalign.callbacks.parameter_summary import with_parameter_summary
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.lightning_cli.checkpoint_settings import warn_replaced_settings
 from adaptalign.lightning_cli.checks import CheckedCLI, command_settings
+from adaptalign.lightning_cli.methods import add_method_arguments, method_callbacks
 from adaptalign.lightning_cli.run_folder import EVALUATIONS, command_logger
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
 from adaptalign.lightning_modules.system import AlignmentModule
@@ -70,6 +72,13 @@ def with_atomic_checkpoints(plugins: object) -> object:
     return [*given, AtomicCheckpointIO()]
 
 
+def brings_checkpoint_io(strategy: object) -> bool:
+    """Whether a strategy object was given its own CheckpointIO (one a user chose is kept)."""
+    if not isinstance(strategy, Strategy):
+        return False
+    return type(strategy.checkpoint_io) is not TorchCheckpointIO
+
+
 class AlignmentCLI(CheckedCLI):
     """The Lightning CLI, with atomic checkpoint writing whatever plugins the user gives, a folder
     of its own for every run (see ``run_folder``) and the settings a checkpoint replaces named."""
@@ -80,6 +89,9 @@ class AlignmentCLI(CheckedCLI):
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if add_subcommands:  # FinalReport prints the metrics rounded instead of Lightning's table
             self.parser.set_defaults({"validate.verbose": False, "test.verbose": False})
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_method_arguments(parser)
 
     def parse_arguments(self, parser: object, args: object) -> None:
         super().parse_arguments(parser, args)
@@ -98,10 +110,15 @@ class AlignmentCLI(CheckedCLI):
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
-        trainer_config = command_settings(self.config_init).get("trainer", {})
-        strategy = trainer_config.get("strategy")
-        if getattr(strategy, "_checkpoint_io", None) is None:  # a strategy object may bring one
+        settings_init = command_settings(self.config_init)
+        trainer_config = settings_init.get("trainer", {})
+        if not brings_checkpoint_io(trainer_config.get("strategy")):
             kwargs["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
+        # The methods run before the config's other callbacks, in METHODS order.
+        kwargs["callbacks"] = [
+            *method_callbacks(settings_init),
+            *(trainer_config.get("callbacks") or []),
+        ]
         kwargs.update(with_parameter_summary(trainer_config))
         settings = command_settings(self.config)
         logger = command_logger(self.subcommand, settings.get("trainer"), settings.get("ckpt_path"))
