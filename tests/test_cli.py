@@ -10,7 +10,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from adaptalign.cli import main
-from adaptalign.datamodules.generated import SHAPES
+from adaptalign.datamodules.generated_scenes import SHAPES
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 

@@ -13,17 +13,19 @@ from PIL import Image
 
 from adaptalign.datamodules import generated
 from adaptalign.datamodules.generated import (
-    COLOURS,
-    SHAPES,
     GeneratedConfig,
-    SceneObject,
-    category_ranking,
     config_key,
     default_cache_dir,
     generate_dataset,
-    render,
-    sample_categories,
     validate_config,
+)
+from adaptalign.datamodules.generated_drawing import BACKGROUND, render
+from adaptalign.datamodules.generated_scenes import (
+    COLOURS,
+    SHAPES,
+    SceneObject,
+    category_ranking,
+    sample_categories,
     zipf_probabilities,
 )
 from adaptalign.datamodules.karpathy import read_karpathy
@@ -260,11 +262,11 @@ def test_render_draws_inside_the_objects_cell() -> None:
     image = np.asarray(render([SceneObject("blue", "circle", "large", "top left")], 60))
     assert image.shape == (60, 60, 3)
     assert tuple(image[10, 10]) == COLOURS["blue"]  # centre of the top-left 20-pixel cell
-    assert (image[:, 20:] == generated.BACKGROUND).all()
-    assert (image[20:, :] == generated.BACKGROUND).all()
+    assert (image[:, 20:] == BACKGROUND).all()
+    assert (image[20:, :] == BACKGROUND).all()
 
     ring = np.asarray(render([SceneObject("red", "ring", "large", "centre")], 60))
-    assert tuple(ring[30, 30]) == generated.BACKGROUND  # a ring is hollow
+    assert tuple(ring[30, 30]) == BACKGROUND  # a ring is hollow
     assert (ring == COLOURS["red"]).all(axis=-1).any()
 
 

@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 
 from adaptalign.common.errors import ConfigurationError, DatasetFormatError
-from adaptalign.datamodules.ontology import (
-    Ontology,
-    OntologyConfig,
-    builtin_vocabularies,
-    format_summary,
-    plural,
-    words,
-)
+from adaptalign.datamodules.ontology import Ontology, OntologyConfig, format_summary
 from adaptalign.datamodules.records import Record
+from adaptalign.datamodules.vocabulary import builtin_vocabularies, plural, words
 
 VOCABULARY = {
     "dog": ["dog", "puppy"],

@@ -23,16 +23,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from adaptalign.common.checks import is_int as _is_int
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler, batch_purity
 
 Schedule = Literal["switch", "ramp"]
 SCHEDULES = ("switch", "ramp")
 SETTINGS = ("schedule", "switch_epoch", "start_share", "end_share", "ramp_epochs")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_share(name: str, value: object) -> float:

@@ -28,6 +28,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.progress import say
 from adaptalign.datamodules.feature_cache import FeatureCache, digest, text_digest
@@ -68,7 +69,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         value = self.num_clusters
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ConfigurationError(f"{SETTING}.num_clusters={value!r}; expected an integer >= 1")
         if self.backend not in BACKENDS:
             raise ConfigurationError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules.flickr import SHOWN, seeded_split, shorten
 from adaptalign.datamodules.records import Record, load_json_object
@@ -32,10 +33,6 @@ class CocoImage:
     file_name: str
     subset: str
     captions: list[str]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _subset(path: Path) -> str:
@@ -81,7 +78,7 @@ def _images(path: Path, entries: list[Any], subset: str) -> dict[int, CocoImage]
     for index, entry in enumerate(entries):
         where = f"images[{index}]"
         image_id = _field(path, where, entry, "id")
-        if not _is_int(image_id):
+        if not is_int(image_id):
             raise DatasetFormatError(
                 f"{path}: {where} field 'id': got {image_id!r}; expected an integer image id"
             )
@@ -104,7 +101,7 @@ def _add_captions(path: Path, entries: list[Any], images: dict[int, CocoImage]) 
     for index, entry in enumerate(entries):
         where = f"annotations[{index}]"
         image_id = _field(path, where, entry, "image_id")
-        if not _is_int(image_id) or image_id not in images:
+        if not is_int(image_id) or image_id not in images:
             raise DatasetFormatError(
                 f"{path}: {where} field 'image_id': got {image_id!r}; "
                 "expected the id of an entry of 'images'"

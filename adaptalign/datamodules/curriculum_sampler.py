@@ -18,11 +18,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from adaptalign.common.checks import is_finite_number, is_int
 from adaptalign.common.errors import ConfigurationError
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 class _EpochPool:
@@ -115,11 +112,11 @@ class CurriculumBatchSampler(Sampler[list[tuple[int, int]]]):
             ("seed", seed, 0),
             ("epoch", epoch, 0),
         ):
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 raise ConfigurationError(
                     f"CurriculumBatchSampler {name}={value!r}; expected an integer >= {low}"
                 )
-        if not _is_int(rank) or not 0 <= rank < num_replicas:
+        if not is_int(rank) or not 0 <= rank < num_replicas:
             raise ConfigurationError(
                 f"CurriculumBatchSampler rank={rank!r}; expected an integer from 0 to "
                 f"num_replicas - 1 = {num_replicas - 1}"
@@ -165,14 +162,13 @@ class CurriculumBatchSampler(Sampler[list[tuple[int, int]]]):
 
     @same_object_share.setter
     def same_object_share(self, value: float) -> None:
-        ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or not 0 <= value <= 1:
+        if not is_finite_number(value) or not 0 <= value <= 1:
             raise ConfigurationError(f"same_object_share={value!r}; expected a number from 0 to 1")
         self._share = float(value)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next iteration: it seeds the batches and goes into every key."""
-        if not _is_int(epoch) or epoch < 0:
+        if not is_int(epoch) or epoch < 0:
             raise ConfigurationError(f"epoch={epoch!r}; expected an integer >= 0")
         self.epoch = int(epoch)
 

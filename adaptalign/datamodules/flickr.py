@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from numbers import Integral
 from pathlib import Path
 
 import numpy as np
 
+from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules.records import Record
 
@@ -67,7 +67,7 @@ def seeded_split(
     a file happens to list them in.
     """
     for setting, size in (("val_images", val_images), ("test_images", test_images)):
-        if isinstance(size, bool) or not isinstance(size, Integral) or size < 0:
+        if not is_int(size) or size < 0:
             raise ConfigurationError(f"{setting}={size!r}; expected a count >= 0")
     if val_images + test_images > len(names):
         raise ConfigurationError(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptalign.common.atomic_files import atomic_save
+from adaptalign.common.checks import is_int
 from adaptalign.common.errors import DatasetFormatError
 from adaptalign.datamodules.records import Record, load_json_object
 
@@ -30,10 +31,6 @@ def _load_top(path: Path) -> list[Any]:
             f"{path}: top-level field 'images' is a {type(images).__name__}; expected a list"
         )
     return images
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _ImageParser:
@@ -97,7 +94,7 @@ class _ImageParser:
         for field in ("imgid", "cocoid"):
             if field in self.entry:
                 value = self.entry[field]
-                if not _is_int(value):
+                if not is_int(value):
                     raise self.fail(field, f"got {value!r}; expected an integer image id")
                 return value, field
         return self.index, "(list index)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageFilter
 
+from adaptalign.common.checks import is_int, is_number
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.records import Record
 
@@ -33,7 +34,7 @@ IMAGE_STREAM = 2
 
 
 def _check_rate(rate: float, name: str) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+    if not is_number(rate) or not 0.0 <= rate <= 1.0:
         raise ConfigurationError(f"{name}={rate!r}; expected a number in [0, 1]")
     return float(rate)
 
@@ -52,7 +53,7 @@ def _check_ops(ops: Iterable[str], known: tuple[str, ...], name: str) -> tuple[s
 
 
 def _check_positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if not is_number(value) or not value > 0:
         raise ConfigurationError(f"{name}={value!r}; expected a number > 0")
     if not math.isfinite(value):
         raise ConfigurationError(f"{name}={value!r}; expected a finite number > 0")
@@ -90,7 +91,7 @@ class NoiseConfig:
         self.image_ops = _check_ops(self.image_ops, IMAGE_OPS, "noise.image_ops")
         self.gaussian_std = _check_positive(self.gaussian_std, "noise.gaussian_std")
         self.blur_sigma = _check_positive(self.blur_sigma, "noise.blur_sigma")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ConfigurationError(f"noise.seed={self.seed!r}; expected an integer >= 0")
 
     @property

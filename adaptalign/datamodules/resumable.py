@@ -23,11 +23,12 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
+from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError
 
 
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0  # type: ignore[operator]
 
 
 class _SkipFirst:
