@@ -23,13 +23,7 @@ from adaptalign.callbacks import run_summary
 from adaptalign.callbacks.run_summary import RunSummary
 from adaptalign.cli import main as cli_main
 from adaptalign.experiments import compare_results
-from adaptalign.experiments.compare import (
-    build_parser,
-    main,
-    own_options,
-    resolve_settings,
-    split_overrides,
-)
+from adaptalign.experiments.compare import build_parser, main, own_options
 from adaptalign.experiments.compare_results import (
     aggregate,
     bucket_table,
@@ -40,6 +34,7 @@ from adaptalign.experiments.compare_results import (
     summary_row,
     write_results,
 )
+from adaptalign.experiments.compare_settings import resolve_settings, split_overrides
 from adaptalign.experiments.compare_stress import aggregate_stress, stress_figure
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")

@@ -13,111 +13,49 @@ optimistic); the CSV also holds the last validation's rsum for comparison.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.experiments.compare_results import markdown_table, write_results
 from adaptalign.experiments.compare_runs import (
     Run,
-    TrainImages,
     discover_runs,
     finished_rows,
     fit_command,
     report_order,
     run_all,
-    size_label,
+)
+from adaptalign.experiments.compare_settings import (
+    OVERRIDE_OPTIONS,
+    config_parts,
+    parse_train_images,
+    plan,
+    resolve_settings,
+    settings_document,
+    split_overrides,
 )
 from adaptalign.experiments.compare_stress import run_stress, write_stress_report
 
-SETTINGS = (
-    "configs",
-    "names",
-    "seeds",
-    "train_images",
-    "output",
-    "overrides",
-    "stress_rates",
-    "stress_modality",
-)
-SETTING_ALIASES = {"name": "names", "override": "overrides", "seed": "seeds"}
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-OVERRIDE_OPTIONS = ("--override", "--overrides")
+
+class CompareParser(argparse.ArgumentParser):
+    """Remembers its option strings: a list of ``--override`` arguments ends at the next one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.option_names: set[str] = set()  # before ``__init__`` adds ``--help``
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        self.option_names.update(name for name in names if name.startswith("-"))
+        return super().add_argument(*names, **kwargs)
 
 
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class Settings:
-    """One comparison: every config crossed with every training size and seed."""
-
-    configs: list[str]
-    names: list[str]
-    seeds: list[int]
-    train_images: list[TrainImages]
-    output: Path
-    overrides: list[str]
-    stress_rates: list[float] = field(default_factory=list)
-    stress_modality: str = "both"
-
-
-def parse_train_images(text: str | int | float | None) -> TrainImages:
-    """A count, a fraction in (0, 1], or ``all``/``null`` for the full train split."""
-    if text is None:
-        return None
-    if isinstance(text, bool):
-        raise argparse.ArgumentTypeError(f"train images {text!r}: expected a count or a fraction")
-    if isinstance(text, int | float):
-        return text
-    if text.strip().lower() in ("all", "full", "none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"train images {text!r}: expected a count, fraction or 'all'")
-
-
-def split_overrides(argv: Sequence[str], own_options: set[str]) -> tuple[list[str], list[str]]:
-    """Separates ``adaptalign fit`` arguments from the comparison's own.
-
-    argparse would take ``--trainer.max_epochs=3`` for an unknown option, so everything after
-    ``--override`` up to the next option of this command is passed through untouched, as is
-    everything after ``--``.
-    """
-    own: list[str] = []
-    overrides: list[str] = []
-    collecting = False
-    for index, token in enumerate(argv):
-        if token == "--":
-            overrides.extend(argv[index + 1 :])
-            break
-        option = token.split("=", 1)[0]
-        if option in OVERRIDE_OPTIONS:
-            collecting = "=" not in token
-            if not collecting:
-                overrides.append(token.split("=", 1)[1])
-            continue
-        if collecting and option not in own_options:
-            overrides.append(token)
-            continue
-        collecting = False
-        own.append(token)
-    return own, overrides
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CompareParser:
     """The options; ``--override`` is listed for the help but split off before parsing."""
-    parser = argparse.ArgumentParser(
+    parser = CompareParser(
         prog="adaptalign compare",
         description="Train run configs over seeds and training-set sizes, then report mean, "
         "standard deviation and 95% intervals over seeds.",
@@ -181,159 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_settings_file(path: str) -> dict[str, Any]:
-    """The comparison file's keys, normalised to the option names (``train-images`` and so on)."""
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"--config {path}: {exc}") from exc
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"--config {path}: expected a mapping of settings")
-    values: dict[str, Any] = {}
-    for key, value in loaded.items():
-        normal = str(key).replace("-", "_")
-        normal = SETTING_ALIASES.get(normal, normal)
-        if normal not in SETTINGS:
-            raise ValueError(f"--config {path}: unknown key {key!r}; expected one of {SETTINGS}")
-        values[normal] = value
-    return values
-
-
-def config_entry(value: Any) -> str:
-    """A run's config: one path, or several layered as by repeated ``--config`` (a+b)."""
-    return "+".join(str(v) for v in value) if isinstance(value, list) else str(value)
-
-
-def config_parts(entry: str) -> list[str]:
-    return entry.split("+")
-
-
-def _as_list(value: Any) -> list:
-    return value if isinstance(value, list) else [value]
-
-
-def _configs_and_names(
-    file: dict[str, Any], options: argparse.Namespace
-) -> tuple[list[str], list[str]]:
-    """Config paths and one distinct, path-safe name each (file stems unless named)."""
-    configs: list[str] = []
-    given: list[str | None] = []
-    for entry in _as_list(file.get("configs", [])):
-        if isinstance(entry, dict):  # {name: ..., config: ...}
-            if "config" not in entry:
-                raise ValueError(f"configs entry {entry!r}: expected a 'config' key")
-            configs.append(config_entry(entry["config"]))
-            given.append(entry.get("name"))
-        else:
-            configs.append(config_entry(entry))
-            given.append(None)
-    if options.configs is not None:
-        configs, given = list(options.configs), [None] * len(options.configs)
-
-    names = options.names if options.names is not None else file.get("names")
-    if names is None:
-        names = [
-            name or Path(config_parts(c)[-1]).stem for name, c in zip(given, configs, strict=True)
-        ]
-    names = [str(n) for n in _as_list(names)]
-    if len(names) != len(configs):
-        raise ValueError(f"{len(names)} names for {len(configs)} configs; give one per config")
-    if len(set(names)) != len(names):
-        raise ValueError(f"names {names} repeat; give distinct ones with --names")
-    for name in names:
-        if not SAFE_NAME.match(name):
-            raise ValueError(f"name {name!r}: use letters, digits, '.', '_', '+', '-'")
-    return configs, names
-
-
-def _seeds_and_sizes(
-    file: dict[str, Any], options: argparse.Namespace
-) -> tuple[list[int], list[TrainImages]]:
-    seeds = options.seeds if options.seeds is not None else file.get("seeds", [0])
-    try:
-        seeds = [int(s) for s in _as_list(seeds)]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"seeds {seeds!r}: expected integers") from exc
-    sizes = options.train_images
-    if sizes is None:
-        sizes = [parse_train_images(v) for v in _as_list(file.get("train_images", [None]))]
-    if any(seed < 0 for seed in seeds):
-        raise ValueError(f"seeds {seeds}: expected integers >= 0")
-    if any(size is not None and size <= 0 for size in sizes):
-        raise ValueError(f"train images {sizes}: expected counts >= 1 or fractions in (0, 1]")
-    for values, what in ((seeds, "seeds"), ([size_label(s) for s in sizes], "train images")):
-        if len(set(values)) != len(values):
-            raise ValueError(f"{what} {values} repeat")
-    return seeds, list(sizes)
-
-
-def resolve_settings(options: argparse.Namespace, overrides: list[str]) -> Settings:
-    """The comparison file overlaid with the command line; ``--override`` arguments come last."""
-    file = read_settings_file(options.config) if options.config else {}
-    configs, names = _configs_and_names(file, options)
-    seeds, sizes = _seeds_and_sizes(file, options)
-    output = options.output if options.output is not None else file.get("output")
-    if output is None:
-        raise ValueError("no output folder; give --output DIR")
-    file_overrides = [str(a) for a in _as_list(file.get("overrides", []))]
-    rates = options.stress_rates
-    if rates is None:
-        rates = [float(r) for r in _as_list(file.get("stress_rates", []))]
-    if any(not 0 <= r <= 1 for r in rates):
-        raise ValueError(f"stress rates {rates}: expected values in [0, 1]")
-    modality = options.stress_modality or str(file.get("stress_modality", "both"))
-    if modality not in ("text", "image", "both"):
-        raise ValueError(f"stress modality {modality!r}: expected text, image or both")
-    return Settings(
-        configs,
-        names,
-        seeds,
-        sizes,
-        Path(str(output)),
-        file_overrides + overrides,
-        list(rates),
-        modality,
-    )
-
-
-def settings_document(settings: Settings) -> str:
-    """The comparison as a file for ``--config``, saved beside its results to reproduce it."""
-    document = {
-        "configs": [
-            {"name": n, "config": c} for n, c in zip(settings.names, settings.configs, strict=True)
-        ],
-        "seeds": settings.seeds,
-        "train_images": [size_label(s) if s is None else s for s in settings.train_images],
-        "output": str(settings.output),
-        "overrides": settings.overrides,
-    }
-    if settings.stress_rates:
-        document["stress_rates"] = settings.stress_rates
-        document["stress_modality"] = settings.stress_modality
-    return yaml.safe_dump(document, sort_keys=False)
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def plan(settings: Settings) -> list[Run]:
-    """All runs, seed by seed, so that one complete seed of the comparison finishes first."""
-    return [
-        Run(
-            name,
-            config,
-            size,
-            seed,
-            settings.output / "runs" / name / f"n{size_label(size)}" / f"seed{seed}",
-        )
-        for seed in settings.seeds
-        for size in settings.train_images
-        for name, config in zip(settings.names, settings.configs, strict=True)
-    ]
-
-
 def write_report(output: Path, runs: list[Run], names: Sequence[str] | None = None) -> bool:
     """Writes the results of the finished runs; False when none has finished yet."""
     rows = finished_rows(report_order(runs, names))
@@ -349,14 +134,9 @@ def write_report(output: Path, runs: list[Run], names: Sequence[str] | None = No
 # ----------------------------------------------------------------------------- command line
 
 
-def own_options(parser: argparse.ArgumentParser) -> set[str]:
+def own_options(parser: CompareParser) -> set[str]:
     """This command's option strings: where a list of ``--override`` arguments ends."""
-    return {
-        option
-        for action in parser._actions
-        for option in action.option_strings
-        if option not in OVERRIDE_OPTIONS
-    }
+    return parser.option_names - set(OVERRIDE_OPTIONS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

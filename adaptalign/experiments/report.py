@@ -36,6 +36,7 @@ from adaptalign.experiments.compare_results import (
     plot_png,
 )
 from adaptalign.experiments.compare_runs import Run, finished_rows, report_order
+from adaptalign.experiments.compare_settings import Settings, plan, resolve_settings
 from adaptalign.experiments.compare_stress import (
     NOISE_WORDS,
     aggregate_stress,
@@ -127,14 +128,14 @@ def load_report(path: Path) -> ReportFile:
     )
 
 
-def planned_runs(comparison: Path) -> tuple[compare.Settings, list[Run]]:
+def planned_runs(comparison: Path) -> tuple[Settings, list[Run]]:
     """The runs a comparison file plans, exactly as ``adaptalign compare`` would."""
     options = compare.build_parser().parse_args(["--config", str(comparison)])
     try:
-        settings = compare.resolve_settings(options, [])
+        settings = resolve_settings(options, [])
     except (ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigurationError(str(exc)) from exc
-    return settings, compare.plan(settings)
+    return settings, plan(settings)
 
 
 def stress_table(groups: Sequence[dict[str, Any]], modality: str) -> str:
