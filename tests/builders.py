@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from adaptalign.callbacks.model_inputs import ModelInputsLink
 from adaptalign.lightning_modules.system import AlignmentModule
 
 # The four method overlays layered: the combined configuration (MM-TS, loss weights, TOnICS, ARL).
@@ -35,7 +36,11 @@ def tiny_module(
 
 
 def quiet_trainer(**settings: object) -> L.Trainer:
-    """A CPU trainer without logger, progress bar, summary or checkpoints unless asked for."""
+    """A CPU trainer without logger, progress bar, summary or checkpoints unless asked for.
+
+    Like the command line's, it hands the system's inputs to the data module (``ModelInputsLink``
+    after the given callbacks).
+    """
     defaults = {
         "accelerator": "cpu",
         "logger": False,
@@ -43,7 +48,9 @@ def quiet_trainer(**settings: object) -> L.Trainer:
         "enable_progress_bar": False,
         "enable_model_summary": False,
     }
-    return L.Trainer(**{**defaults, **settings})
+    given = settings.pop("callbacks", None) or []
+    callbacks = [*given, ModelInputsLink()]  # type: ignore[misc]
+    return L.Trainer(**{**defaults, **settings}, callbacks=callbacks)
 
 
 def final_validation(version: Path) -> dict[str, tuple[int, float]]:

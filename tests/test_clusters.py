@@ -223,7 +223,7 @@ def test_report_and_plot(tmp_path: Path) -> None:
         "tail_max_size": 1,
         "middle_max_size": 3,
     }
-    path = plot_cluster_sizes(hand_clustering(), tmp_path / "plots" / "sizes.png")
+    path = plot_cluster_sizes(hand_clustering().sizes, tmp_path / "plots" / "sizes.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from adaptalign.callbacks.model_inputs import model_inputs
 from adaptalign.datamodules import feature_cache, frozen_features
 from adaptalign.datamodules import generated as g
 from adaptalign.datamodules.datamodule import AlignmentDataModule
@@ -446,10 +447,9 @@ def _ddp_extraction(rank: int, world: int, folder: str, text_model: str) -> None
     module = tiny_module(text_model, image={"freeze": True})
     records = [r for r in _records(Path(folder)) if r.split == "train"]
     features = compute_frozen_features(
-        module,
+        model_inputs(module),
         records,
         FeatureCache(folder),
-        module.image_transform(),
         progress=False,
         barrier=dist.barrier,
         is_writer=rank == 0,

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from adaptalign.callbacks.model_inputs import model_inputs
 from adaptalign.cli import main
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
@@ -37,6 +38,7 @@ def val_batch(module: AlignmentDataModule, tiny_text_model: str, frozen: bool = 
     module.trainer = trainer
     trainer.datamodule = module  # type: ignore[misc]
     module.setup()
+    module.model_inputs = model_inputs(system)  # what ModelInputsLink hands over at setup
     return next(iter(module.val_dataloader()))
 
 

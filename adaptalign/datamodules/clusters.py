@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -30,10 +30,14 @@ from torch import nn
 
 from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError
+from adaptalign.common.figures import new_figure, save_png
 from adaptalign.common.progress import say
 from adaptalign.datamodules.feature_cache import FeatureCache, digest, text_digest
 from adaptalign.datamodules.frozen_features import caption_features, text_model_key
 from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -344,15 +348,11 @@ def cluster_size_report(clustering: Clustering) -> dict:
     }
 
 
-def plot_cluster_sizes(clustering: Clustering, path: str | Path) -> Path:
+def cluster_size_figure(sizes: np.ndarray) -> Figure:
     """A rank-size plot on log-log axes: a long tail shows as a long, falling line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    sizes = np.sort(np.asarray(clustering.sizes, dtype=np.int64))[::-1]
+    sizes = np.sort(np.asarray(sizes, dtype=np.int64))[::-1]
     tail_max, middle_max = tercile_bounds(sizes)
-    figure = Figure(figsize=(6, 4))
-    FigureCanvasAgg(figure)
+    figure = new_figure(6, 4)
     axes = figure.add_subplot()
     axes.loglog(np.arange(1, sizes.size + 1), sizes, marker=".", linewidth=1)
     axes.axhline(tail_max, color="tab:red", linestyle="--", linewidth=0.8, label="tail bound")
@@ -362,7 +362,9 @@ def plot_cluster_sizes(clustering: Clustering, path: str | Path) -> Path:
     axes.set_title(f"{sizes.size} caption clusters, {int(sizes.sum())} captions")
     axes.legend()
     figure.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png", dpi=100)
-    return out
+    return figure
+
+
+def plot_cluster_sizes(sizes: np.ndarray, path: str | Path) -> Path:
+    """The rank-size plot of clusters of these sizes, written to ``path`` as PNG."""
+    return save_png(cluster_size_figure(sizes), path)

@@ -21,6 +21,11 @@ from torch.utils.data import Sampler
 from adaptalign.common.checks import is_finite_number, is_int
 from adaptalign.common.errors import ConfigurationError
 
+# Lightning adds a distributed sampler under several processes unless told not to.
+SHARDS_ITSELF = (
+    "data.sampler='curriculum' shards batches itself; set trainer.use_distributed_sampler: false"
+)
+
 
 class _EpochPool:
     """The pairs not yet used in one epoch, by primary object, with exact remaining counts."""
@@ -105,6 +110,10 @@ class CurriculumBatchSampler(Sampler[list[tuple[int, int]]]):
         epoch: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(tags, Sampler):
+            # How Lightning rebuilds a batch sampler to shard it (``use_distributed_sampler``):
+            # the batches are sharded here already, and a sampler's indices are no tags.
+            raise ConfigurationError(SHARDS_ITSELF)
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_replicas", num_replicas, 1),

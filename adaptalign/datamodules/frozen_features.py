@@ -32,6 +32,7 @@ from adaptalign.datamodules.feature_cache import (
     first_positions,
     module_digest,
 )
+from adaptalign.datamodules.model_inputs import FeatureTower, ModelInputs
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.encoders.length_sorted import length_batches, token_lengths
@@ -99,7 +100,7 @@ def caption_key(caption: str) -> str:
 
 
 def encode_images(
-    tower: nn.Module,
+    tower: FeatureTower,
     records: Sequence[Record],
     transform: Transform,
     num_workers: int = 0,
@@ -109,7 +110,7 @@ def encode_images(
     loader = DataLoader(
         _Images(records, transform, noise), batch_size=IMAGE_BATCH, num_workers=num_workers
     )
-    device = next(tower.parameters()).device
+    device = next(tower.backbone.parameters()).device
     start = 0
     for images in loader:
         count = images.shape[0]
@@ -152,7 +153,7 @@ def _remap(positions: list[int], batches: Batches) -> Batches:
 
 
 def image_features(
-    tower: nn.Module,
+    tower: FeatureTower,
     records: Sequence[Record],
     transform: Transform,
     cache: FeatureCache,
@@ -206,18 +207,17 @@ def _uncached(items: list[str], compute: Callable[[list[int]], Batches]) -> Tens
 
 
 def compute_frozen_features(
-    module: nn.Module,
+    inputs: ModelInputs,
     records: Sequence[Record],
     cache: FeatureCache,
-    transform: Transform,
     num_workers: int = 0,
     progress: bool = True,
     barrier: Callable[[], None] = lambda: None,
     is_writer: bool = True,
     image_noise: NoiseConfig | None = None,
 ) -> FrozenFeatures:
-    """Cached features of the module's frozen towers for ``records``; towers that train are left
-    alone.
+    """Cached features of the frozen towers in ``inputs`` for ``records`` (images preprocessed by
+    its transform); towers that train are not in ``inputs``.
 
     Under several processes the writer computes and stores what is missing while the others wait
     at ``barrier``, then they read the stored rows. ``image_noise`` perturbs the images first (its
@@ -227,15 +227,14 @@ def compute_frozen_features(
     if image_noise is not None and image_noise.image_rate == 0:
         image_noise = None
     result = FrozenFeatures()
-    image_tower = getattr(module, "image_tower", None)
-    text_tower = getattr(module, "text_tower", None)
-    if image_tower is not None and getattr(image_tower, "frozen", False):
+    image_tower, text_backbone = inputs.image_tower, inputs.text_backbone
+    if image_tower is not None:
 
         def images(writer: bool) -> Tensor:
             return image_features(
                 image_tower,
                 records,
-                transform,
+                inputs.transform,
                 cache,
                 num_workers=num_workers,
                 noise=image_noise,
@@ -244,11 +243,11 @@ def compute_frozen_features(
 
         features = _shared(images, barrier, is_writer)
         result.image = {r.image_id: features[i] for i, r in enumerate(records)}
-    if text_tower is not None and getattr(text_tower, "frozen", False):
+    if text_backbone is not None:
         captions = [c for r in records for c in r.captions]
 
         def texts(writer: bool) -> Tensor:
-            return caption_features(text_tower.backbone, captions, cache, progress and writer)
+            return caption_features(text_backbone, captions, cache, progress and writer)
 
         features = _shared(texts, barrier, is_writer)
         result.text, start = {}, 0

@@ -9,6 +9,11 @@ reports ``{"epoch", "batches"}`` as its state; restored from that state, its nex
 the (batch) sampler's indices, so a skipped sample is never loaded or decoded; the sampler still
 plans the whole epoch, which keeps seeded orders (and curriculum plans) identical.
 
+The skipping happens in a second, plain DataLoader over the same dataset, built once from the same
+arguments, whose batch sampler (or sampler) is the given one minus the skipped batches; it runs the
+iterations and keeps any persistent workers. The loader itself keeps its ``sampler`` and
+``batch_sampler`` as given, for Lightning's ``set_epoch`` and for callbacks that look for them.
+
 An iteration only starts the underlying DataLoader iterator, and so reads the epoch and draws from
 the sampler, when its first batch is asked for. Lightning creates the training iterator before a
 (resumed) epoch's sampler epoch is set, and a loader with workers would otherwise draw its first
@@ -21,10 +26,13 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError
+
+# DataLoader arguments that decide which indices are drawn, in which batches.
+ORDER_ARGUMENTS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
 
 
 def _is_count(value: object) -> bool:
@@ -32,9 +40,9 @@ def _is_count(value: object) -> bool:
 
 
 class _SkipFirst:
-    """The loader's index sampler without the first batches of a resumed epoch.
+    """The loader's (batch) sampler without the first batches of a resumed epoch.
 
-    DataLoader iterators keep the object they got at creation (workers that persist across
+    DataLoader iterators keep the sampler they got at creation (workers that persist across
     epochs keep it for good), so the number to skip is read from the loader at every ``iter``.
     """
 
@@ -57,28 +65,33 @@ class ResumableDataLoader(DataLoader):
             data module passes the trainer's ``current_epoch``); by default the ``epoch`` of the
             batch sampler, of its sampler or of the sampler, which ``set_epoch`` keeps current.
 
-    Every other argument is a DataLoader's.
+    Every other argument is a DataLoader's, given by keyword after the dataset.
     """
 
     def __init__(
-        self, *args: Any, epoch_source: Callable[[], int] | None = None, **kwargs: Any
+        self,
+        dataset: Dataset,
+        *,
+        epoch_source: Callable[[], int] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(dataset, **kwargs)
         if isinstance(self.dataset, IterableDataset):
             raise TypeError(
                 "ResumableDataLoader skips sampler indices; it needs a map-style dataset"
             )
+        # The same loading, drawing from the given (batch) sampler less the skipped batches.
+        others = {k: v for k, v in kwargs.items() if k not in ORDER_ARGUMENTS}
+        if self.batch_sampler is not None:
+            order: dict[str, Any] = {"batch_sampler": _SkipFirst(self.batch_sampler, self)}
+        else:
+            order = {"sampler": _SkipFirst(self.sampler, self), "batch_size": None}
+        self._skipping_loader = DataLoader(dataset, **others, **order)
         self.epoch_source = epoch_source
         self.skipping = 0  # batches the iteration being started leaves out
         self._epoch: int | None = None  # epoch of the latest iteration
         self._batches = 0  # batches of that epoch trained on (skipped ones included)
         self._restored: tuple[int, int] | None = None  # a loaded state not yet applied
-
-    @property
-    def _index_sampler(self) -> _SkipFirst:  # type: ignore[override]
-        # What DataLoader iterators draw indices from (the batch sampler, when batching); the
-        # public sampler and batch_sampler stay as given, for Lightning's set_epoch and others.
-        return _SkipFirst(super()._index_sampler, self)
 
     def current_epoch(self) -> int:
         """The epoch the next iteration belongs to."""
@@ -131,4 +144,4 @@ class ResumableDataLoader(DataLoader):
             if restored_epoch == epoch:
                 skip = min(batches, len(self))
         self._epoch, self._batches, self.skipping = epoch, skip, skip
-        return super().__iter__()
+        return iter(self._skipping_loader)

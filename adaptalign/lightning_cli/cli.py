@@ -19,9 +19,11 @@ from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 
+from adaptalign.callbacks.cluster_plot import ClusterSizePlot
 from adaptalign.callbacks.collapse_watch import CollapseWatch
 from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.callbacks.final_report import FinalReport
+from adaptalign.callbacks.model_inputs import ModelInputsLink
 from adaptalign.callbacks.parameter_summary import with_parameter_summary
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.lightning_cli.checkpoint_settings import warn_replaced_settings
@@ -50,6 +52,9 @@ def trainer_defaults() -> dict:
             EmbeddingWriter(),
             FinalReport(),
             CollapseWatch(),
+            # Glue between system and data: the system's inputs, the caption clusters' plot.
+            ModelInputsLink(),
+            ClusterSizePlot(),
         ],
         "plugins": [{"class_path": ATOMIC_CHECKPOINT_IO}],
     }

@@ -1,0 +1,198 @@
+"""From the data settings to split record lists: read, check, subset, and enrich the training split.
+
+Nothing here keeps state or knows a trainer. The data module calls :func:`build_splits` in
+``setup`` and keeps what it returns; its ``prepare_data`` calls the same only to fill the
+caption-cluster cache. The training split is enriched once: object tags from the ontology, and the
+long-tail cluster of every caption. Noise is applied per loader (:func:`noisy_split`), since a
+stress test changes the evaluation noise between runs of one data module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.datamodules.clusters import (
+    ClusterConfig,
+    Clustering,
+    cluster_captions,
+    cluster_size_report,
+    size_buckets,
+)
+from adaptalign.datamodules.datasets import CaptionClusters
+from adaptalign.datamodules.feature_cache import FeatureCache
+from adaptalign.datamodules.formats import read_dataset
+from adaptalign.datamodules.generated import GeneratedConfig, default_cache_dir, generate_dataset
+from adaptalign.datamodules.image_check import check_images
+from adaptalign.datamodules.noise import NoiseConfig, caption_vocabulary, noisy_records
+from adaptalign.datamodules.ontology import (
+    Ontology,
+    OntologyConfig,
+    format_summary,
+    load_image_tags,
+)
+from adaptalign.datamodules.records import Record
+from adaptalign.datamodules.subsets import cap_captions, nested_subset
+
+Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco"]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """The data module's settings that decide the split record lists (same names and meaning).
+
+    ``ontology`` set tags the training pairs with objects; ``None`` leaves them untagged.
+    """
+
+    annotations: str | list[str] | None = None
+    format: Format = "auto"
+    image_root: str | None = None
+    val_images: int | None = None
+    test_images: int | None = None
+    split_seed: int = 0
+    generated: GeneratedConfig = field(default_factory=GeneratedConfig)
+    cache_dir: str | None = None
+    train_images: int | float | None = None
+    captions_per_image: int | None = None
+    verify_images: bool = False
+    skip_bad_images: bool = False
+    ontology: OntologyConfig | None = None
+    clusters: ClusterConfig | None = None
+    seed: int = 0
+
+
+@dataclass
+class Splits:
+    """What ``setup`` keeps: every record read and checked, the splits, the captions' clusters."""
+
+    source: str
+    records: list[Record]
+    splits: dict[str, list[Record]]
+    caption_clusters: CaptionClusters | None = None
+
+
+def feature_cache(cache_dir: str | None) -> FeatureCache:
+    """The cache of frozen-tower features and caption clusters (default: the user's cache)."""
+    return FeatureCache(cache_dir or default_cache_dir())
+
+
+def annotation_paths(settings: SplitSettings) -> list[Path]:
+    """The annotation files; without any, the generated dataset's (generated first if needed)."""
+    if settings.annotations is None:
+        return [generate_dataset(settings.generated, settings.cache_dir)]
+    given = settings.annotations
+    paths = [Path(p).expanduser() for p in ([given] if isinstance(given, str) else given)]
+    for path in paths:
+        if not path.is_file():
+            raise ConfigurationError(f"data.annotations: {str(path)!r} does not exist")
+    return paths
+
+
+def build_splits(settings: SplitSettings) -> Splits:
+    """Read and check the records, then split, subset and enrich them."""
+    paths = annotation_paths(settings)
+    source = ", ".join(str(p) for p in paths)
+    records = read_dataset(
+        [str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
+        format="karpathy" if settings.annotations is None else settings.format,
+        image_root=settings.image_root,
+        val_images=settings.val_images,
+        test_images=settings.test_images,
+        split_seed=settings.split_seed,
+    )
+    records = check_images(
+        records, decode=settings.verify_images, skip_bad=settings.skip_bad_images, source=source
+    )
+    splits = {name: [r for r in records if r.split == name] for name in SPLITS}
+    train = nested_subset(splits["train"], settings.train_images, settings.seed)
+    splits["train"] = cap_captions(train, settings.captions_per_image)
+    if settings.ontology is not None:
+        splits["train"] = tag_objects(splits["train"], settings.ontology)
+    clusters = None
+    if settings.clusters is not None:
+        clusters = cluster_training_captions(
+            splits["train"],
+            records,
+            splits["val"] + splits["test"],
+            settings.clusters,
+            feature_cache(settings.cache_dir),
+        )
+    return Splits(source, records, splits, clusters)
+
+
+def tag_objects(train: list[Record], config: OntologyConfig) -> list[Record]:
+    """Training records carrying their object tags, with the untagged policy applied."""
+    image_tags = None
+    if config.image_tags is not None:
+        by_name = load_image_tags(config.image_tags)
+        image_tags = {
+            r.image_id: by_name[r.image_path.name] for r in train if r.image_path.name in by_name
+        }
+    tagged, summary = Ontology.from_config(config).prepare(train, image_tags)
+    rank_zero_info(f"ontology tags: {format_summary(summary)}")
+    return tagged
+
+
+def cluster_training_captions(
+    train: list[Record],
+    records: list[Record],
+    evaluated: list[Record],
+    config: ClusterConfig,
+    cache: FeatureCache,
+) -> CaptionClusters:
+    """Cluster every caption of the train split once; count sizes over the captions in use.
+
+    The clusters are fitted on the whole train split of ``records``, so a subset's clusters are
+    those of the full data; ``train`` (the subset, captions capped) decides the sizes. Evaluation
+    captions join the cluster of their nearest centroid, so recall can be reported for head,
+    middle and tail queries by the tercile of that cluster's training size.
+    """
+    full = [r for r in records if r.split == "train"]
+    clustering = cluster_captions(
+        [c for r in full for c in r.captions],
+        config,
+        cache,
+        assign=[c for r in evaluated for c in r.captions],
+    )
+    labels = _per_image(full, clustering.labels)
+    used = np.concatenate([labels[r.image_id][: len(r.captions)] for r in train])
+    sizes = np.bincount(used, minlength=len(clustering.sizes))
+    in_use = Clustering.from_labels(used)
+    report = ", ".join(f"{k} {v:.3g}" for k, v in cluster_size_report(in_use).items())
+    rank_zero_info(f"caption clusters over {len(used)} training captions: {report}")
+    eval_labels = _per_image(evaluated, clustering.assigned)
+    eval_buckets = {
+        image_id: size_buckets(sizes[assigned], in_use)
+        for image_id, assigned in eval_labels.items()
+    }
+    return CaptionClusters(labels, sizes, eval_labels, eval_buckets)
+
+
+def noisy_split(
+    records: list[Record], noise: NoiseConfig | None, train: list[Record]
+) -> tuple[list[Record], NoiseConfig | None]:
+    """A split's records with ``noise`` applied, and the noise in force (``None``: none at all).
+
+    Replaced words come from the training captions' vocabulary, whichever split is corrupted.
+    """
+    if noise is None or not noise.active:
+        return records, None
+    vocabulary = caption_vocabulary(c for r in train for c in r.captions)
+    return noisy_records(records, noise, vocabulary), noise
+
+
+def _per_image(records: list[Record], labels: np.ndarray | None) -> dict[int, np.ndarray]:
+    """Split one label per caption (records' captions in order) into one array per image."""
+    if labels is None:
+        return {}
+    out, start = {}, 0
+    for r in records:
+        out[r.image_id] = labels[start : start + len(r.captions)]
+        start += len(r.captions)
+    return out
