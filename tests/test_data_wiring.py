@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -47,16 +48,23 @@ def no_kmeans(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_prepare_data_fills_the_cluster_cache_and_keeps_nothing(
-    tmp_path: Path, tiny_text_model: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_text_model: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     module = with_clusters(tmp_path, tiny_text_model)
-    module.prepare_data()
+    with caplog.at_level(logging.INFO):
+        module.prepare_data()
     assert module.splits == {} and module.records == [] and module.source == ""
     assert module.caption_clusters is None and module.cluster_sizes is None
+    assert "caption clusters over" not in caplog.text  # setup reports them, once
     no_kmeans(monkeypatch)  # setup now reads the clustering prepare_data stored
-    module.setup()
+    with caplog.at_level(logging.INFO):
+        module.setup()
     assert module.splits["train"] and module.cluster_sizes is not None
     assert module.cluster_sizes.sum() == sum(len(r.captions) for r in module.splits["train"])
+    assert caplog.text.count("caption clusters over") == 1
 
 
 def test_prepare_data_under_one_process_leaves_the_records_to_setup(

@@ -94,8 +94,11 @@ def annotation_paths(settings: SplitSettings) -> list[Path]:
     return paths
 
 
-def build_splits(settings: SplitSettings) -> Splits:
-    """Read and check the records, then split, subset and enrich them."""
+def build_splits(settings: SplitSettings, summarise: bool = True) -> Splits:
+    """Read and check the records, then split, subset and enrich them.
+
+    ``summarise`` logs the object tags' and the clusters' summaries (once per run is enough).
+    """
     paths = annotation_paths(settings)
     source = ", ".join(str(p) for p in paths)
     records = read_dataset(
@@ -113,7 +116,7 @@ def build_splits(settings: SplitSettings) -> Splits:
     train = nested_subset(splits["train"], settings.train_images, settings.seed)
     splits["train"] = cap_captions(train, settings.captions_per_image)
     if settings.ontology is not None:
-        splits["train"] = tag_objects(splits["train"], settings.ontology)
+        splits["train"] = tag_objects(splits["train"], settings.ontology, summarise)
     clusters = None
     if settings.clusters is not None:
         clusters = cluster_training_captions(
@@ -122,11 +125,14 @@ def build_splits(settings: SplitSettings) -> Splits:
             splits["val"] + splits["test"],
             settings.clusters,
             feature_cache(settings.cache_dir),
+            summarise,
         )
     return Splits(source, records, splits, clusters)
 
 
-def tag_objects(train: list[Record], config: OntologyConfig) -> list[Record]:
+def tag_objects(
+    train: list[Record], config: OntologyConfig, summarise: bool = True
+) -> list[Record]:
     """Training records carrying their object tags, with the untagged policy applied."""
     image_tags = None
     if config.image_tags is not None:
@@ -135,7 +141,8 @@ def tag_objects(train: list[Record], config: OntologyConfig) -> list[Record]:
             r.image_id: by_name[r.image_path.name] for r in train if r.image_path.name in by_name
         }
     tagged, summary = Ontology.from_config(config).prepare(train, image_tags)
-    rank_zero_info(f"ontology tags: {format_summary(summary)}")
+    if summarise:
+        rank_zero_info(f"ontology tags: {format_summary(summary)}")
     return tagged
 
 
@@ -145,6 +152,7 @@ def cluster_training_captions(
     evaluated: list[Record],
     config: ClusterConfig,
     cache: FeatureCache,
+    summarise: bool = True,
 ) -> CaptionClusters:
     """Cluster every caption of the train split once; count sizes over the captions in use.
 
@@ -164,8 +172,9 @@ def cluster_training_captions(
     used = np.concatenate([labels[r.image_id][: len(r.captions)] for r in train])
     sizes = np.bincount(used, minlength=len(clustering.sizes))
     in_use = Clustering.from_labels(used)
-    report = ", ".join(f"{k} {v:.3g}" for k, v in cluster_size_report(in_use).items())
-    rank_zero_info(f"caption clusters over {len(used)} training captions: {report}")
+    if summarise:
+        report = ", ".join(f"{k} {v:.3g}" for k, v in cluster_size_report(in_use).items())
+        rank_zero_info(f"caption clusters over {len(used)} training captions: {report}")
     eval_labels = _per_image(evaluated, clustering.assigned)
     eval_buckets = {
         image_id: size_buckets(sizes[assigned], in_use)

@@ -201,7 +201,7 @@ class AlignmentDataModule(L.LightningDataModule):
         settings = self.split_settings()
         annotation_paths(settings)
         if self.clusters is not None and (self.trainer is None or self.trainer.world_size > 1):
-            build_splits(settings)
+            build_splits(settings, summarise=False)  # setup logs the summaries
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
