@@ -37,7 +37,7 @@ def load_captions(count: int) -> tuple[list[str], str]:
         captions = [c for r in records if r.split == "train" for c in r.captions]
         return captions[:count], f"Flickr8k train captions ({TOKENS})"
     print(f"{TOKENS} not found: using captions from the generated dataset's grammar instead")
-    from adaptalign.datamodules import generated as g
+    from adaptalign.datamodules import generated_scenes as g
 
     rng = np.random.default_rng(0)
     ranking = g.category_ranking(rng)

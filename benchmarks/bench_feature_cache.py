@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from goals import overall, verdict
 
+from adaptalign.callbacks.model_inputs import ModelInputsLink
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.lightning_modules.system import AlignmentModule
 
@@ -76,7 +77,7 @@ def epoch_seconds(args: argparse.Namespace, feature_cache: bool) -> tuple[float,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, ModelInputsLink()],
     )
     start = time.perf_counter()
     trainer.fit(module, data)

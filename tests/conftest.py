@@ -16,7 +16,7 @@ def caption_words(scenes: int = 400) -> list[str]:
     """Every word the generated dataset's grammar produces, so the tiny tokenizer knows them."""
     import numpy as np
 
-    from adaptalign.datamodules import generated as g
+    from adaptalign.datamodules import generated_scenes as g
 
     rng = np.random.default_rng(0)
     ranking = g.category_ranking(rng)
