@@ -15,8 +15,9 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
 from adaptalign.callbacks.run_summary import best_entry
+from adaptalign.lightning_modules.metric_names import RSUM
 
-FIRST = "rsum"  # the sum of all R@K, which checkpoints are selected by, heads every table
+FIRST = RSUM  # the sum of all R@K, which checkpoints are selected by, heads every table
 
 
 def metrics(values: Mapping[str, Any], prefix: str) -> dict[str, float]:

@@ -24,13 +24,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from adaptalign.callbacks.collapse_watch import CollapseWatch
 from adaptalign.common.atomic_files import atomic_save
+from adaptalign.lightning_modules.metric_names import RSUM
 
 PREFIX = "val/"
 # The clock ``wall_seconds`` counts with (tests replace it, so no result depends on timing).
 clock = time.monotonic
 
 
-def best_entry(history: list[dict[str, Any]], key: str = "rsum") -> dict[str, Any] | None:
+def best_entry(history: list[dict[str, Any]], key: str = RSUM) -> dict[str, Any] | None:
     """The validation with the highest ``key``; the earliest wins a tie, like ModelCheckpoint."""
     scored = [entry for entry in history if entry.get(key) is not None]
     if not scored:

@@ -18,6 +18,7 @@ import numpy as np
 from torch import Tensor
 
 from adaptalign.common.errors import ConfigurationError
+from adaptalign.common.figures import new_figure, save_png
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -190,12 +191,8 @@ def plot_coordinates(
     title: str | None = None,
     image_objects: Sequence[str] | None = None,
 ) -> Path:
-    """:func:`view_figure` written as a PNG to ``path``; its path."""
-    figure = view_figure(coordinates, clusters, image_ids, title, image_objects)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png", dpi=100)
-    return out
+    """:func:`view_figure` written as a PNG to ``path`` (whole or not at all); its path."""
+    return save_png(view_figure(coordinates, clusters, image_ids, title, image_objects), path)
 
 
 def view_figure(
@@ -214,13 +211,10 @@ def view_figure(
     (``image_ids`` of the original input, default the row numbers). A caption takes its image's
     colour, and the panel's title says which colouring it shows.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
 
     c = coordinates
-    figure = Figure(figsize=(12, 5.5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(12, 5.5, "constrained")
     by_modality, by_cluster = figure.subplots(1, 2)
 
     linked = np.flatnonzero(c.text_image < LINKED_IMAGES)

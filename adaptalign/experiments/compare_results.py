@@ -17,26 +17,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adaptalign.common.atomic_files import atomic_save
+from adaptalign.common.figures import new_figure, png_bytes
+from adaptalign.lightning_modules.metric_names import (
+    GROUPS,
+    RECALLS,
+    RSUM,
+    group_name,
+    recall_name,
+)
+from adaptalign.lightning_modules.metric_names import METRICS as RUN_METRICS  # one run's metrics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-METRICS = (
-    "i2t_R@1",
-    "i2t_R@5",
-    "i2t_R@10",
-    "t2i_R@1",
-    "t2i_R@5",
-    "t2i_R@10",
-    "rsum",
-    "i2t_medr",
-    "t2i_medr",
-)
 # Recall of queries from the tail, middle and head caption clusters (runs with clusters only).
-BUCKETS = ("tail", "middle", "head")
-BUCKET_METRICS = tuple(f"{b}/{m}" for b in BUCKETS for m in ("i2t_R@1", "t2i_R@1", "rsum"))
-METRICS = (*METRICS, *BUCKET_METRICS)
+BUCKET_METRICS = tuple(
+    group_name(g, m) for g in GROUPS for m in (recall_name("i2t", 1), recall_name("t2i", 1), RSUM)
+)
+METRICS = (*RUN_METRICS, *BUCKET_METRICS)
 CSV_FIELDS = (
     "name",
     "train_images",
@@ -49,7 +48,7 @@ CSV_FIELDS = (
     "wall_seconds",
     "collapsed",
 )
-TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+TABLE_METRICS = (*RECALLS, RSUM)
 
 
 def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[str, Any]:
@@ -217,23 +216,6 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
 PANELS = (("rsum", "rsum (best val epoch)"), ("t2i_R@1", "t→i R@1 (%, best val epoch)"))
 
 
-def figure_png(figure: Figure, dpi: int = 120) -> bytes:
-    """A drawn figure as PNG bytes."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A figure with constrained layout, so titles and an outside legend get room of their own."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def legend_below(figure: Figure) -> None:
     """One legend for all panels, under them: inside a panel it would cover points."""
     handles, labels = [], []
@@ -251,7 +233,7 @@ def results_figure(groups: Sequence[dict[str, Any]], title: str) -> Figure:
     has several sizes (one line per config), else one category per config."""
     sizes = sorted({x for g in groups if (x := _x_value(g)) is not None})
     names = list(dict.fromkeys(g["name"] for g in groups))
-    figure = new_figure(10, 4.6)
+    figure = new_figure(10, 4.6, "constrained")  # room for the titles and the legend below
     panels = figure.subplots(1, 2)
     for axis, (metric, label) in zip(panels, PANELS, strict=True):
         if len(sizes) > 1:
@@ -328,7 +310,7 @@ def _categories(
 
 def plot_png(groups: Sequence[dict[str, Any]], title: str) -> bytes:
     """:func:`results_figure` as PNG bytes."""
-    return figure_png(results_figure(groups, title))
+    return png_bytes(results_figure(groups, title), dpi=120)
 
 
 def _x_value(group: dict[str, Any]) -> float | None:

@@ -19,20 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptalign.common.atomic_files import atomic_save
+from adaptalign.common.figures import new_figure, png_bytes
 from adaptalign.experiments.compare_results import (
+    TABLE_METRICS,
     describe,
-    figure_png,
     format_stat,
     legend_below,
     metric_label,
-    new_figure,
 )
 from adaptalign.experiments.compare_runs import Run, size_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-STRESS_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+STRESS_METRICS = TABLE_METRICS
 NOISE_WORDS = {"text": "caption", "image": "image", "both": "caption and image"}
 
 
@@ -152,7 +152,7 @@ def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -
     """rsum against noise rate, one line per config, one panel per training size."""
     sizes = list(dict.fromkeys(g["train_images"] for g in groups))
     names = list(dict.fromkeys(g["name"] for g in groups))
-    figure = new_figure(5 * len(sizes), 4.4)
+    figure = new_figure(5 * len(sizes), 4.4, "constrained")
     for index, size in enumerate(sizes):
         axes = figure.add_subplot(1, len(sizes), index + 1)
         mine = [g for g in groups if g["train_images"] == size and "rsum" in g["stats"]]
@@ -181,7 +181,7 @@ def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -
 
 def stress_plot(groups: Sequence[dict[str, Any]], modality: str, title: str) -> bytes:
     """:func:`stress_figure` as PNG bytes."""
-    return figure_png(stress_figure(groups, modality, title), dpi=100)
+    return png_bytes(stress_figure(groups, modality, title), dpi=100)
 
 
 def write_stress_report(

@@ -22,11 +22,19 @@ from typing import Any
 
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.errors import ConfigurationError
+from adaptalign.common.figures import new_figure, png_bytes
 from adaptalign.datamodules.noise import NoiseConfig
+from adaptalign.lightning_modules.metric_names import (
+    DIRECTIONS,
+    KS,
+    MEDIAN_RANKS,
+    RECALLS,
+    RSUM,
+    recall_name,
+)
 
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.5)
 MODALITIES = ("text", "image", "both")
-RECALLS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
 
 
 def noise_for(rate: float, modality: str, seed: int) -> NoiseConfig | None:
@@ -123,28 +131,23 @@ def evaluate(cli_args: list[str], options: argparse.Namespace) -> list[dict[str,
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ["rate", *(m.replace("_", " ") for m in RECALLS), "rsum"]
+    header = ["rate", *(m.replace("_", " ") for m in RECALLS), RSUM]
     lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
     for row in rows:
-        cells = [f"{row['rate']:g}", *(f"{row[m]:.1f}" for m in (*RECALLS, "rsum"))]
+        cells = [f"{row['rate']:g}", *(f"{row[m]:.1f}" for m in (*RECALLS, RSUM))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     """R@1/5/10 against the noise rate, one panel per direction."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.6))
-    FigureCanvasAgg(figure)
+    figure = new_figure(9, 3.6)
     rates = [row["rate"] for row in rows]
-    for index, (direction, label) in enumerate((("i2t", "image→text"), ("t2i", "text→image"))):
+    labels = ("image→text", "text→image")
+    for index, (direction, label) in enumerate(zip(DIRECTIONS, labels, strict=True)):
         axes = figure.add_subplot(1, 2, index + 1)
-        for k in (1, 5, 10):
-            recall = [row[f"{direction}_R@{k}"] for row in rows]
+        for k in KS:
+            recall = [row[recall_name(direction, k)] for row in rows]
             axes.plot(rates, recall, marker="o", label=f"R@{k}")
         axes.set_xlabel("noise rate")
         axes.set_ylabel("recall (%)")
@@ -153,9 +156,7 @@ def plot(rows: Sequence[dict[str, Any]], title: str) -> bytes:
         axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=100)
 
 
 def write(rows: Sequence[dict[str, Any]], output: Path, modality: str) -> None:
@@ -164,7 +165,7 @@ def write(rows: Sequence[dict[str, Any]], output: Path, modality: str) -> None:
 
     output.mkdir(parents=True, exist_ok=True)
     atomic_save(output / "stress.json", json.dumps(list(rows), indent=2) + "\n")
-    fields = ["rate", "modality", *RECALLS, "rsum", "i2t_medr", "t2i_medr"]
+    fields = ["rate", "modality", *RECALLS, RSUM, *MEDIAN_RANKS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -33,6 +33,16 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from adaptalign.lightning_modules.metric_names import (
+    DIRECTIONS,
+    GROUPS,
+    KS,
+    RSUM,
+    group_name,
+    median_rank_name,
+    recall_name,
+)
+
 __all__ = ["RetrievalMetric", "retrieval_ranks"]
 
 
@@ -221,9 +231,9 @@ class RetrievalMetric(Metric):
 
     def __init__(
         self,
-        ks: Sequence[int] = (1, 5, 10),
+        ks: Sequence[int] = KS,
         chunk_size: int = 1024,
-        group_names: Sequence[str] = ("tail", "middle", "head"),
+        group_names: Sequence[str] = GROUPS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -332,14 +342,12 @@ class RetrievalMetric(Metric):
             chunk_size=self.chunk_size,
         )
         out: dict[str, Tensor] = {}
-        for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for direction, ranks in zip(DIRECTIONS, (i2t, t2i), strict=True):
             for k in self.ks:
-                out[f"{direction}_R@{k}"] = (ranks < k).sum().float() * 100.0 / ranks.numel()
-        out["rsum"] = torch.stack(
-            [out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in self.ks]
-        ).sum()
-        out["i2t_medr"] = _median_rank(i2t).float()
-        out["t2i_medr"] = _median_rank(t2i).float()
+                out[recall_name(direction, k)] = (ranks < k).sum().float() * 100.0 / ranks.numel()
+        out[RSUM] = torch.stack([out[recall_name(d, k)] for d in DIRECTIONS for k in self.ks]).sum()
+        for direction, ranks in zip(DIRECTIONS, (i2t, t2i), strict=True):
+            out[median_rank_name(direction)] = _median_rank(ranks).float()
         if _has_data(self.image_groups):
             # Synced empty states arrive as floats; groups are small integers either way.
             image_groups = dim_zero_cat(self.image_groups).long()
@@ -357,14 +365,16 @@ class RetrievalMetric(Metric):
         out: dict[str, Tensor] = {}
         for index, name in enumerate(self.group_names):
             recalls = []
-            for direction, ranks, groups in (("i2t", i2t, image_groups), ("t2i", t2i, text_groups)):
+            for direction, ranks, groups in zip(
+                DIRECTIONS, (i2t, t2i), (image_groups, text_groups), strict=True
+            ):
                 mine = ranks[groups.to(ranks.device) == index]
                 if mine.numel() == 0:
                     continue
                 for k in self.ks:
                     value = (mine < k).sum().float() * 100.0 / mine.numel()
-                    out[f"{name}/{direction}_R@{k}"] = value
+                    out[group_name(name, recall_name(direction, k))] = value
                     recalls.append(value)
             if len(recalls) == 2 * len(self.ks):
-                out[f"{name}/rsum"] = torch.stack(recalls).sum()
+                out[group_name(name, RSUM)] = torch.stack(recalls).sum()
         return out
