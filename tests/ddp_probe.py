@@ -18,7 +18,6 @@ unchanged (the zero term adds exactly 0 to the loss and its gradient).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -97,16 +96,12 @@ class StepProbe(L.Callback):
         merged = _concatenate(_all_ranks(batch))
         temperatures = torch.cat(_all_ranks(controls.temperature.detach().cpu()))
         whole = dataclasses.replace(controls, temperature=temperatures)
-        saved = [(c, copy.copy(vars(c))) for c in trainer.callbacks]
-        try:
-            with torch.no_grad(), mock.patch.object(system, "gather_with_grad", lambda x: (x, 0)):
-                loss, _, _ = pl_module.contrastive_loss(
-                    view.all_image.detach(), view.all_text.detach(), merged, whole
-                )
-        finally:
-            for callback, attributes in saved:
-                vars(callback).clear()
-                vars(callback).update(attributes)
+        # Extra losses only read (what they learn goes back through the step's outputs), so
+        # computing the loss a second time leaves every callback as it was.
+        with torch.no_grad(), mock.patch.object(system, "gather_with_grad", lambda x: (x, 0)):
+            loss = pl_module.contrastive_loss(
+                view.all_image.detach(), view.all_text.detach(), merged, whole
+            ).loss
         return float(loss)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from adaptalign.callbacks.arl import (
-    ARL,
+from adaptalign.callbacks.arl import ARL
+from adaptalign.callbacks.arl_terms import (
     arl_weights,
     auxiliary_logits,
     auxiliary_terms,
@@ -77,8 +77,13 @@ def run_step(
     arl.on_train_batch_start(trainer, module, batch, 0)
     controls, module.controls = module.controls, Controls()
     weight, fn = controls.extra_losses["arl_bias"]
-    loss = weight * fn(StepEmbeddings(image, text, image, text, batch))
-    arl.on_train_batch_end(trainer, module, {"loss": loss, "controls": controls}, batch, 0)
+    term = fn(StepEmbeddings(image, text, image, text, batch))
+    outputs = {
+        "loss": weight * term.value,
+        "controls": controls,
+        "auxiliaries": {"arl_bias": term.auxiliaries},
+    }
+    arl.on_train_batch_end(trainer, module, outputs, batch, 0)
     return controls
 
 
@@ -226,7 +231,7 @@ def test_bias_term_gradient_reaches_embeddings_not_prototypes() -> None:
     image = torch.tensor([[0.6, 0.8], [1.0, 0.0]], requires_grad=True)
     text = torch.tensor([[0.8, 0.6], [0.0, 1.0]], requires_grad=True)
     batch = {"cluster": torch.tensor([0, 1])}
-    loss = arl.bias_loss(StepEmbeddings(image, text, image, text, batch))
+    loss = arl.bias_term()(StepEmbeddings(image, text, image, text, batch)).value
     loss.backward()
     assert arl.prototypes.grad is None
     # d CE / d emb_row = scale * (softmax - onehot) @ prototypes / rows, prototypes = identity.
@@ -241,7 +246,7 @@ def test_no_prototype_yet_gives_a_zero_bias_term_that_keeps_the_graph() -> None:
     arl = ARL(num_clusters=3)
     image = torch.tensor([[0.6, 0.8]], requires_grad=True)
     batch = {"cluster": torch.tensor([1])}
-    loss = arl.bias_loss(StepEmbeddings(image, image, image, image, batch))
+    loss = arl.bias_term()(StepEmbeddings(image, image, image, image, batch)).value
     assert float(loss.detach()) == 0.0
     loss.backward()
     assert image.grad is not None and float(image.grad.abs().sum()) == 0.0
@@ -287,7 +292,7 @@ def test_tower_gradients_are_one_plus_w_times(tiny_text_model: str) -> None:
         image = base_image.clone().requires_grad_(True)
         text = base_text.clone().requires_grad_(True)
         controls = Controls(tower_grad_scale=scale, extra_losses=written.extra_losses)
-        loss, parts, _ = module.contrastive_loss(image, text, batch, controls)
+        loss, parts, _, _ = module.contrastive_loss(image, text, batch, controls)
         assert float(parts["arl_bias"]) > 0
         loss.backward()
         return float(loss.detach()), image.grad, text.grad
@@ -358,11 +363,11 @@ def test_the_loss_adds_the_bias_term_at_its_epoch_weight(tiny_text_model: str) -
     image = F.normalize(torch.randn(5, 16, generator=g), dim=1)
     text = F.normalize(torch.randn(5, 16, generator=g), dim=1)
     batch = {"cluster": torch.tensor([0, 1, 1, 2, 0])}
-    alignment, _, _ = module.contrastive_loss(image, text, batch, Controls())
+    alignment = module.contrastive_loss(image, text, batch, Controls()).loss
     for epoch, weight in ((0, 1.0), (1, 4.0)):
         fake = FakeModule()
         arl.on_train_batch_start(SimpleNamespace(current_epoch=epoch), fake, batch, 0)
-        loss, parts, _ = module.contrastive_loss(image, text, batch, fake.controls)
+        loss, parts, _, _ = module.contrastive_loss(image, text, batch, fake.controls)
         bias = float(parts["arl_bias"])
         assert bias > 1.0
         expected = float(alignment.detach()) + weight * bias

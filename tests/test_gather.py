@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from adaptalign.lightning_modules.controls import Controls
-from adaptalign.lightning_modules.gather import all_reduce_sum, gather_with_grad
+from adaptalign.lightning_modules.gather import all_reduce_sum, gather_rows, gather_with_grad
 from adaptalign.lightning_modules.system import AlignmentModule
 from tests.builders import tiny_module
 from tests.distributed import run_distributed
@@ -34,7 +34,7 @@ def make_batch() -> dict:
 def loss_and_grads(module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict]:
     image = module.encode_images(batch)
     text = module.encode_texts(batch)
-    loss, _, _ = module.contrastive_loss(image, text, batch, Controls())
+    loss = module.contrastive_loss(image, text, batch, Controls()).loss
     module.zero_grad()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
@@ -55,8 +55,9 @@ def _rank_work(rank: int, world: int, text_model: str, out_dir: str) -> None:
         dist.all_reduce(g)
         g /= world
     gathered, offset = gather_with_grad(torch.full((rank + 1, 2), float(rank)))
+    labels = gather_rows(torch.arange(rank + 1) + 10 * rank)  # integers, outside autograd
     torch.save(
-        {"loss": loss, "grads": grads, "gathered": gathered, "offset": offset},
+        {"loss": loss, "grads": grads, "gathered": gathered, "offset": offset, "labels": labels},
         f"{out_dir}/rank{rank}.pt",
     )
 
@@ -75,7 +76,13 @@ def test_two_process_loss_and_gradients_equal_one_process(
         # Uneven row counts (1 and 2 rows) are gathered in rank order without padding rows.
         assert result["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
         assert result["offset"] == rank
+        assert result["labels"].tolist() == [0, 10, 11]
     assert len(reference_grads) > 4  # towers, projections and temperature all receive gradients
+
+
+def test_gather_rows_on_one_process_is_the_input() -> None:
+    rows = torch.arange(6).reshape(3, 2)
+    assert gather_rows(rows) is rows
 
 
 def _sum_work(rank: int, world: int, out_dir: str) -> None:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+import re
+import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from adaptalign.lightning_modules.controls import Controls, StepEmbeddings
+from adaptalign.lightning_modules.controls import (
+    ControlledSystem,
+    Controls,
+    LossTerm,
+    StepEmbeddings,
+)
 from adaptalign.lightning_modules.losses import info_nce, max_margin
-from adaptalign.lightning_modules.system import AlignmentModule, warmup_cosine
+from adaptalign.lightning_modules.optimisation import warmup_cosine
+from adaptalign.lightning_modules.system import AlignmentModule
 from tests.builders import quiet_trainer, tiny_module
 
 
@@ -68,7 +77,7 @@ def test_the_loss_stays_float32_under_bf16_autocast(module: AlignmentModule) -> 
     controls = Controls(temperature=tau)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert (image @ text.T).dtype == torch.bfloat16  # autocast really is on here
-        loss, _, stats = module.contrastive_loss(image, text, {}, controls)
+        loss, _, stats, _ = module.contrastive_loss(image, text, {}, controls)
         features = torch.randn(2, module.image_tower.projection.in_features)
         rows = module.encode_images({"image_features": features})
     assert loss.dtype == torch.float32 and stats.temperature.dtype == torch.float32
@@ -89,6 +98,69 @@ def test_extra_losses_are_added_with_their_weight(module: AlignmentModule, batch
     out = module.training_step(batch, 0)
     assert float(out["loss"].detach()) == pytest.approx(plain + 1.5, rel=1e-5)
     assert seen[0].all_text.shape == (4, 16) and seen[0].batch is batch
+
+
+def test_extra_losses_hand_their_auxiliaries_back_through_the_outputs(
+    module: AlignmentModule, batch: dict
+) -> None:
+    """What an extra loss learns in the step reaches its callback through the step's outputs."""
+
+    def reporting(view: StepEmbeddings) -> LossTerm:
+        return LossTerm(view.image.sum() * 0 + 2.0, {"rows": view.image.shape[0]})
+
+    plain = module.training_step(batch, 0)
+    assert plain["auxiliaries"] == {}
+    module.controls.add_extra_loss("reporting", 0.5, reporting)
+    module.controls.add_extra_loss("plain", 1.0, lambda view: view.text.sum() * 0 + 1.0)
+    out = module.training_step(batch, 0)
+    assert out["auxiliaries"] == {"reporting": {"rows": 4}}  # a plain tensor reports nothing
+    added = float(out["loss"].detach()) - float(plain["loss"].detach())
+    assert added == pytest.approx(0.5 * 2.0 + 1.0, rel=1e-5)
+
+
+def test_validation_returns_the_embeddings_it_scored(module: AlignmentModule, batch: dict) -> None:
+    ids = torch.arange(4)
+    scored = {**batch, "image_id": ids, "text_id": ids, "text_image_id": ids}
+    with torch.no_grad():
+        out = module.validation_step(scored, 0)
+        assert torch.equal(out["image_embeddings"], module.encode_images(scored))
+        assert torch.equal(out["text_embeddings"], module.encode_texts(scored))
+    assert module.val_retrieval.compute()["rsum"] >= 0  # and it scored them
+
+
+def protocol_members(protocol: type) -> set[str]:
+    """The attributes and methods a protocol lists."""
+    methods = {
+        name
+        for name, value in vars(protocol).items()
+        if not name.startswith("_") and (callable(value) or isinstance(value, property))
+    }
+    return set(typing.get_type_hints(protocol)) | methods
+
+
+def test_the_system_offers_everything_callbacks_may_touch(module: AlignmentModule) -> None:
+    assert isinstance(module, ControlledSystem)
+    members = protocol_members(ControlledSystem)
+    assert members == {"controls", "criterion", "device", "log"}
+    for name in members:
+        assert hasattr(module, name), name
+    assert isinstance(module.controls, Controls) and module.criterion == "infonce"
+    assert isinstance(module.device, torch.device)
+    assert not isinstance(SimpleNamespace(controls=Controls(), device="cpu"), ControlledSystem)
+
+
+def test_callbacks_touch_only_what_the_protocol_lists() -> None:
+    """Every ``pl_module.<name>`` in the callbacks is a member of :class:`ControlledSystem`."""
+    folder = Path(__file__).resolve().parents[1] / "adaptalign" / "callbacks"
+    used = {}
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text()
+        names = re.findall(r"\bpl_module\.(\w+)", text)
+        names += re.findall(r"getattr\(pl_module, \"(\w+)\"", text)
+        for name in names:
+            used.setdefault(name, path.name)
+    assert {"controls", "device", "log"} <= set(used)  # the scan finds what it should
+    assert set(used) <= protocol_members(ControlledSystem), used
 
 
 def test_tower_grad_scale_scales_each_towers_gradient(module: AlignmentModule, batch: dict) -> None:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
 from adaptalign.callbacks import tsne_view
@@ -183,16 +182,6 @@ class Experiment:
         self.embeddings.append({"mat": mat, **kwargs})
 
 
-class Encoder:
-    """Stands in for the system: the batch already holds the embeddings."""
-
-    def encode_images(self, batch: dict) -> torch.Tensor:
-        return batch["images"]
-
-    def encode_texts(self, batch: dict) -> torch.Tensor:
-        return batch["text_embeddings"]
-
-
 def fake_trainer(log_dir: Path | None, epoch: int = 0, logger: object = None) -> SimpleNamespace:
     return SimpleNamespace(
         sanity_checking=False,
@@ -201,7 +190,6 @@ def fake_trainer(log_dir: Path | None, epoch: int = 0, logger: object = None) ->
         log_dir=None if log_dir is None else str(log_dir),
         logger=logger,
         global_step=17,
-        precision_plugin=Precision(),
     )
 
 
@@ -226,11 +214,17 @@ def eval_batches(with_clusters: bool) -> list[dict]:
     return batches
 
 
+def step_outputs(batch: dict) -> dict:
+    """What the system's validation step returns for the batch: its embeddings."""
+    return {"image_embeddings": batch["images"], "text_embeddings": batch["text_embeddings"]}
+
+
 def run_validation(view: TSNEView, trainer: SimpleNamespace, with_clusters: bool = True) -> None:
-    view.on_validation_epoch_start(trainer, Encoder())  # type: ignore[arg-type]
+    view.on_validation_epoch_start(trainer, None)  # type: ignore[arg-type]
     for i, batch in enumerate(eval_batches(with_clusters)):
-        view.on_validation_batch_end(trainer, Encoder(), None, batch, i)  # type: ignore[arg-type]
-    view.on_validation_epoch_end(trainer, Encoder())  # type: ignore[arg-type]
+        outputs = step_outputs(batch)
+        view.on_validation_batch_end(trainer, None, outputs, batch, i)  # type: ignore[arg-type]
+    view.on_validation_epoch_end(trainer, None)  # type: ignore[arg-type]
 
 
 def test_callback_stops_collecting_at_max_points(tmp_path: Path) -> None:
@@ -264,6 +258,15 @@ def test_callback_without_clusters_and_without_projector(tmp_path: Path) -> None
     run_validation(view, trainer, with_clusters=False)
     assert view.last_coordinates is not None and view.last_coordinates.images.shape == (12, 2)
     assert len(experiment.images) == 1 and experiment.embeddings == []
+
+
+def test_callback_needs_the_steps_embeddings(tmp_path: Path) -> None:
+    view = TSNEView(**FAST)
+    trainer = fake_trainer(tmp_path)
+    view.on_validation_epoch_start(trainer, None)  # type: ignore[arg-type]
+    batch = eval_batches(with_clusters=False)[0]
+    with pytest.raises(ConfigurationError, match=r"TSNEView needs the validation step's embed"):
+        view.on_validation_batch_end(trainer, None, None, batch, 0)  # type: ignore[arg-type]
 
 
 def test_callback_honours_every_n_epochs_and_sanity_checks(tmp_path: Path) -> None:
@@ -326,17 +329,42 @@ def test_fit_writes_the_view_and_tensorboard_gets_it(tiny_text_model: str, tmp_p
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
     view = TSNEView(**FAST)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, logger=logger, callbacks=[view])
-    drawn = []
+    drawn, fitted, validated = [], [], []
 
     def record(*args, image_objects=None):
         drawn.append((args[3].tolist(), image_objects))  # image ids, their objects
         return plot_coordinates(*args, image_objects=image_objects)
 
+    def fit(images, texts, *args):
+        fitted.append((images, texts))
+        return tsne_coordinates(images, texts, *args)
+
+    module = tiny_module(tiny_text_model)
+    encode_images = module.encode_images
+
+    def counted(batch: dict) -> torch.Tensor:
+        rows = encode_images(batch)
+        if trainer.validating and not trainer.sanity_checking:
+            validated.append(rows.shape[0])
+        return rows
+
     plot_coordinates = tsne_view.plot_coordinates
     data = generated_data(tmp_path)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tsne_view, "plot_coordinates", record)
-        trainer.fit(tiny_module(tiny_text_model), data)
+        patch.setattr(tsne_view, "tsne_coordinates", fit)
+        patch.setattr(module, "encode_images", counted)
+        trainer.fit(module, data)
+    # the towers ran once over the validation images: the view took the step's embeddings,
+    # which are exactly the system's embeddings of those images and their captions
+    assert sum(validated) == 8
+    module.eval()
+    with torch.no_grad():
+        batches = list(data.val_dataloader())
+        images = torch.cat([encode_images(b) for b in batches])
+        texts = torch.cat([module.encode_texts(b) for b in batches])
+    [(shown_images, shown_texts)] = fitted
+    assert torch.equal(shown_images, images) and torch.equal(shown_texts, texts)
     # the generated data knows every image's objects: the view is coloured by the first one
     [(ids, objects)] = drawn
     truth = {r.image_id: r.objects[0] for r in data.records}

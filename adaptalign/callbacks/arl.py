@@ -30,12 +30,13 @@ by ``gamma`` throughout.
 
 A step predicts against the prototypes of the steps before it; clusters not yet seen are masked
 out of both predictions. The update runs after the step, in ``on_train_batch_end``, from detached
-copies of the text rows and labels the bias term kept: every rank gathers all ranks' rows (rank
-order) with plain collectives and applies the same update, outside any autograd graph (the first
-observation of a cluster sets its prototype, later ones move it by ``1 - momentum``). ``H`` and
-``d`` are reduced across ranks (sums over rows, then divided by the global row count) and smoothed
-with the same momentum, so every rank computes the same weights. A step's weights come from the
-statistics of the steps before it.
+copies of the text rows and labels the bias term reported in the step's outputs (the term itself
+only reads the prototypes, see :mod:`adaptalign.callbacks.arl_terms`): every rank gathers all
+ranks' rows (rank order) with plain collectives and applies the same update, outside any
+autograd graph (the first observation of a cluster sets its prototype, later ones move it by
+``1 - momentum``). ``H`` and ``d`` are reduced across ranks (sums over rows, then divided by the
+global row count) and smoothed with the same momentum, so every rank computes the same weights.
+A step's weights come from the statistics of the steps before it.
 
 Applying the weights. The reference implementation computes the weights but never uses them; here
 they are applied, as the gradient scale ``1 + w_m`` on tower ``m``'s embedding (identity forward),
@@ -48,159 +49,33 @@ get the scale 1.5: the gradient size does not jump when the weights switch on, o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import lightning as L
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from adaptalign.callbacks.log_steps import writes_logs
+from adaptalign.callbacks.arl_terms import (
+    ENTROPY_SHARE_FLOOR,
+    EPS,
+    MISSING_CLUSTERS,
+    BiasReport,
+    BiasTerm,
+    arl_weights,
+    check_dimension,
+    update_prototypes,
+)
+from adaptalign.callbacks.log_steps import still_writes, writes_logs
 from adaptalign.common.errors import ConfigurationError
-from adaptalign.lightning_modules.controls import StepEmbeddings
-from adaptalign.lightning_modules.gather import all_reduce_sum, distributed_world
+from adaptalign.lightning_modules.controls import ControlledSystem
+from adaptalign.lightning_modules.gather import all_reduce_sum, gather_rows
 
-_EPS = 1e-8
-MISSING_CLUSTERS = "ARL needs caption clusters: set data.clusters"
-ENTROPY_SHARE_FLOOR = 0.3  # the published implementation's floor on H_m / (H_image + H_text)
-
-
-# --------------------------------------------------------------------------- pure math
-def inverse_entropy_shares(
-    entropy: Tensor, share_floor: float | None = ENTROPY_SHARE_FLOOR
-) -> Tensor:
-    """(q_image, q_text): each modality's inverse-entropy share, its entropy share floored first.
-
-    The floor applies to ``H_m / (H_image + H_text)``, so no modality's entropy counts as less than
-    ``share_floor`` of the total however confident its predictions. Raising the entropy itself to
-    ``share_floor * (H_image + H_text)`` is the same, as ``q`` does not change when both entropies
-    are scaled; a floor of 0 or None leaves the entropies, and the shares, exactly as they were.
-    """
-    entropy = entropy.clamp_min(_EPS)
-    if share_floor:
-        entropy = torch.maximum(entropy, share_floor * entropy.sum())
-    inverse = 1.0 / entropy
-    return inverse / inverse.sum()
-
-
-def arl_weights(
-    entropy: Tensor,
-    dependence: Tensor,
-    temperature: float,
-    share_floor: float | None = ENTROPY_SHARE_FLOOR,
-) -> Tensor:
-    """(w_image, w_text) from per-modality entropies and (raw or normalised) dependences.
-
-    A modality whose predictions vary less (lower entropy) and that the other modality depends on
-    more gets the larger weight; ``temperature`` sharpens the split (0 gives equal weights).
-    ``share_floor`` is the floor on the entropy shares (see ``inverse_entropy_shares``).
-    """
-    if entropy.shape != (2,) or dependence.shape != (2,):
-        raise ValueError(
-            f"entropy and dependence must have shape (2,), got {tuple(entropy.shape)} and "
-            f"{tuple(dependence.shape)}"
-        )
-    share = inverse_entropy_shares(entropy, share_floor)
-    dep = dependence / dependence.sum().clamp_min(_EPS)
-    scores = torch.stack([dep[1] * share[0], dep[0] * share[1]])
-    return torch.softmax(temperature * scores, dim=0)
-
-
-def auxiliary_logits(
-    embeddings: Tensor, prototypes: Tensor, seen: Tensor, aux_temperature: float
-) -> Tensor:
-    """Cluster logits ``emb @ prototypes.T / aux_temperature``; unseen clusters are ``-inf``.
-
-    A zero prototype would score 0, a plausible logit; ``-inf`` takes it out of the softmax, so
-    clusters are predicted only once they have a prototype.
-    """
-    logits = embeddings @ prototypes.to(embeddings.dtype).T / aux_temperature
-    return logits.masked_fill(~seen.to(logits.device), float("-inf"))
-
-
-@torch.no_grad()
-def update_prototypes(
-    prototypes: Tensor, seen: Tensor, embeddings: Tensor, labels: Tensor, momentum: float
-) -> tuple[Tensor, Tensor]:
-    """New (prototypes, seen): EMA of each present cluster's mean embedding, re-normalised.
-
-    A cluster's first observation sets its prototype to its batch mean; afterwards the prototype
-    moves by ``(1 - momentum)`` towards each batch mean. Absent clusters are left as they were.
-    """
-    embeddings = embeddings.detach().to(prototypes.dtype)
-    labels = labels.to(prototypes.device).long()
-    counts = torch.bincount(labels, minlength=prototypes.shape[0]).to(prototypes.dtype)
-    sums = torch.zeros_like(prototypes).index_add_(0, labels, embeddings)
-    present = counts > 0
-    means = sums / counts.clamp_min(1).unsqueeze(1)
-    blended = torch.where(seen.unsqueeze(1), momentum * prototypes + (1 - momentum) * means, means)
-    updated = torch.where(present.unsqueeze(1), F.normalize(blended, dim=1), prototypes)
-    return updated, seen | present
-
-
-@dataclass
-class AuxiliaryTerms:
-    """One step's auxiliary predictions over the rows whose cluster has a prototype.
-
-    ``cross_entropy`` (image, text) keeps the graph; the sums are detached, for reduction across
-    ranks before they are divided by the global row count.
-    """
-
-    cross_entropy: Tensor
-    entropy_sum: Tensor
-    dependence_sum: Tensor
-    rows: int
-
-
-def auxiliary_terms(
-    image: Tensor,
-    text: Tensor,
-    labels: Tensor,
-    prototypes: Tensor,
-    seen: Tensor,
-    aux_temperature: float,
-) -> AuxiliaryTerms:
-    """Cross-entropies, entropy sums and mean-|logit| sums of both modalities' predictions."""
-    seen = seen.to(image.device)
-    labels = labels.to(image.device).long()
-    valid = seen[labels]
-    rows = int(valid.sum())
-    zero = image.new_zeros(2)
-    if rows == 0:
-        # Keep the graph (a zero gradient) so the loss has the same inputs on every step.
-        keep = (image.sum() + text.sum()) * 0.0
-        return AuxiliaryTerms(torch.stack([keep, keep]), zero, zero.clone(), 0)
-    targets = labels[valid]
-    cross, entropy, dependence = [], [], []
-    for emb in (image[valid], text[valid]):
-        logits = auxiliary_logits(emb, prototypes, seen, aux_temperature)
-        cross.append(F.cross_entropy(logits, targets))
-        detached = logits.detach()
-        probs = detached.softmax(dim=1)
-        entropy.append(torch.special.entr(probs).sum(dim=1).sum())
-        dependence.append(detached[:, seen].abs().mean(dim=1).sum())
-    return AuxiliaryTerms(torch.stack(cross), torch.stack(entropy), torch.stack(dependence), rows)
+BIAS = "arl_bias"  # the bias term's name among the step's extra losses and auxiliaries
 
 
 def _is_number(value: object) -> bool:
     """An int or float, not a bool (NaN passes here and fails the range checks)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _gather_rows(x: Tensor) -> Tensor:
-    """All ranks' rows of ``x`` in rank order (ranks may hold different counts); no gradient."""
-    _, world = distributed_world()
-    if world == 1:
-        return x
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(c) for c in counts]
-    longest = max(sizes)
-    padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
 # ---------------------------------------------------------------------------- callback
@@ -280,7 +155,7 @@ class ARL(L.Callback):
         self.entropy: Tensor | None = None  # smoothed (H_image, H_text)
         self.dependence: Tensor | None = None  # smoothed normalised (d_image, d_text)
         self.last_weights: Tensor | None = None  # (w_image, w_text) written for the current step
-        self._pending: tuple[Tensor, Tensor, AuxiliaryTerms] | None = None
+        self._log_batch = True  # whether Lightning writes the current batch's logs
 
     # -------------------------------------------------------------------- weights
     def current_weights(self, epoch: int) -> Tensor:
@@ -298,21 +173,14 @@ class ARL(L.Callback):
         return self.gamma
 
     # ------------------------------------------------------------------- bias term
-    def bias_loss(self, view: StepEmbeddings) -> Tensor:
-        """``CE_image + CE_text`` of this rank's rows against the (fixed) prototypes.
+    def bias_term(self) -> BiasTerm:
+        """The bias term of the next step, against the prototypes as they are now.
 
-        Gradients reach the embeddings only; the prototypes are plain tensors updated after the
-        step. What the update and the statistics need is kept, detached, for ``on_train_batch_end``.
+        The prototypes are updated after the step, from the :class:`BiasReport` the term returns
+        in the step's outputs.
         """
-        if "cluster" not in view.batch:
-            raise ConfigurationError(MISSING_CLUSTERS)
-        labels = view.batch["cluster"]
-        self._ensure_prototypes(view.text.shape[1], view.text.device)
-        terms = auxiliary_terms(
-            view.image, view.text, labels, self.prototypes.detach(), self.seen, self.aux_temperature
-        )
-        self._pending = (view.text.detach(), labels.detach().long(), terms)
-        return terms.cross_entropy.sum()
+        prototypes = None if self.prototypes is None else self.prototypes.detach()
+        return BiasTerm(prototypes, self.seen, self.aux_temperature)
 
     def _ensure_prototypes(self, dim: int, device: torch.device) -> None:
         if self.num_clusters is None:
@@ -323,11 +191,8 @@ class ARL(L.Callback):
         if self.prototypes is None or self.seen is None:
             self.prototypes = torch.zeros(self.num_clusters, dim, device=device)
             self.seen = torch.zeros(self.num_clusters, dtype=torch.bool, device=device)
-        elif self.prototypes.shape[1] != dim:
-            raise ConfigurationError(
-                f"ARL prototypes have dimension {self.prototypes.shape[1]} but the embeddings "
-                f"have {dim}; expected the embed_dim the prototypes were built with"
-            )
+        else:
+            check_dimension(self.prototypes, dim)
         self._to(device)
 
     def _to(self, device: torch.device) -> None:
@@ -337,7 +202,7 @@ class ARL(L.Callback):
                 setattr(self, name, value.to(device))
 
     # ------------------------------------------------------------------------ hooks
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: ControlledSystem) -> None:
         clusters = getattr(trainer.datamodule, "caption_clusters", None)
         if self.requested_clusters is None:
             if clusters is None:
@@ -359,10 +224,11 @@ class ARL(L.Callback):
         self._to(pl_module.device)
 
     def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int
+        self, trainer: L.Trainer, pl_module: ControlledSystem, batch: dict, batch_idx: int
     ) -> None:
         if "cluster" not in batch:
             raise ConfigurationError(MISSING_CLUSTERS)
+        self._to(pl_module.device)
         weights = self.current_weights(trainer.current_epoch)
         self.last_weights = weights.detach().cpu()
         w_image, w_text = (float(w) for w in self.last_weights)
@@ -371,9 +237,9 @@ class ARL(L.Callback):
         old = controls.tower_grad_scale
         controls.tower_grad_scale = (old[0] * (1.0 + w_image), old[1] * (1.0 + w_text))
         bias_weight = self.bias_weight(trainer.current_epoch)
-        controls.add_extra_loss("arl_bias", bias_weight, self.bias_loss)
-        self._pending = None
-        if writes_logs(trainer):
+        controls.add_extra_loss(BIAS, bias_weight, self.bias_term())
+        self._log_batch = writes_logs(trainer)
+        if self._log_batch:
             pl_module.log("arl/w_image", w_image, on_step=True)
             pl_module.log("arl/w_text", w_text, on_step=True)
             pl_module.log("arl/bias_weight", bias_weight, on_step=True)
@@ -381,36 +247,36 @@ class ARL(L.Callback):
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: ControlledSystem,
         outputs: object,
         batch: dict,
         batch_idx: int,
     ) -> None:
         # Every rank joins the same collectives, whatever its own step produced.
         device = pl_module.device
-        pending, self._pending = self._pending, None
-        if pending is None:
+        report = step_report(outputs)
+        log = still_writes(trainer, self._log_batch)
+        if report is None:
             dim = 0 if self.prototypes is None else self.prototypes.shape[1]
             text = torch.zeros(0, dim, device=device)
             labels = torch.zeros(0, dtype=torch.long, device=device)
             local = torch.zeros(5, device=device)
         else:
-            text, labels, terms = pending
-            if writes_logs(trainer):
-                bias = terms.cross_entropy.detach().sum()
-                pl_module.log("arl/bias_loss", bias, on_step=True)
+            text, labels = report.text, report.labels
+            if log:
+                pl_module.log("arl/bias_loss", report.loss, on_step=True)
             local = torch.cat(
                 [
-                    terms.entropy_sum.float(),
-                    terms.dependence_sum.float(),
-                    torch.tensor([float(terms.rows)], device=terms.entropy_sum.device),
+                    report.entropy_sum.float(),
+                    report.dependence_sum.float(),
+                    torch.tensor([float(report.rows)], device=report.entropy_sum.device),
                 ]
             ).to(device)
         reduced = all_reduce_sum(local)
-        all_text = _gather_rows(text.float().to(device))
-        all_labels = _gather_rows(labels.to(device))
+        all_text = gather_rows(text.float().to(device))
+        all_labels = gather_rows(labels.to(device))
         self.observe(reduced[:2], reduced[2:4], int(reduced[4]), all_text, all_labels)
-        if self.entropy is not None and self.dependence is not None and writes_logs(trainer):
+        if self.entropy is not None and self.dependence is not None and log:
             pl_module.log("arl/entropy_image", float(self.entropy[0]), on_step=True)
             pl_module.log("arl/entropy_text", float(self.entropy[1]), on_step=True)
             pl_module.log("arl/dependence_image", float(self.dependence[0]), on_step=True)
@@ -428,7 +294,7 @@ class ARL(L.Callback):
         if rows > 0:
             entropy = entropy_sum / rows
             raw = dependence_sum / rows
-            dependence = raw / raw.sum().clamp_min(_EPS)
+            dependence = raw / raw.sum().clamp_min(EPS)
             if self.entropy is None or self.dependence is None:
                 self.entropy, self.dependence = entropy, dependence
             else:
@@ -460,3 +326,18 @@ class ARL(L.Callback):
         for name in ("prototypes", "seen", "entropy", "dependence"):
             value = state_dict[name]
             setattr(self, name, None if value is None else value.clone())
+
+
+def step_report(outputs: object) -> BiasReport | None:
+    """The bias term's report in a training step's outputs; ``None`` for a skipped step."""
+    if outputs is None:
+        return None
+    auxiliaries = outputs.get("auxiliaries") if isinstance(outputs, Mapping) else None
+    if not isinstance(auxiliaries, Mapping):
+        raise ConfigurationError(
+            "ARL needs the step's auxiliaries: training_step must return {'loss': ..., "
+            "'auxiliaries': {name: ...}} with what each extra loss reported, as AlignmentModule "
+            "does"
+        )
+    report = auxiliaries.get(BIAS)
+    return report if isinstance(report, BiasReport) else None

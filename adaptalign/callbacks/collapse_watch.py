@@ -21,9 +21,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from adaptalign.common.errors import CollapseWarning, ConfigurationError
+from adaptalign.lightning_modules.controls import ControlledSystem
 from adaptalign.lightning_modules.gather import all_reduce_sum
+from adaptalign.lightning_modules.metric_names import RSUM, recall_k
 
-RECALL_PREFIX = "val/i2t_R@"
+PREFIX = "val/"
 
 
 def chance_recall(k: int, num_images: int, num_texts: int) -> tuple[float, float]:
@@ -87,13 +89,13 @@ class CollapseWatch(L.Callback):
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: ControlledSystem,
         outputs: Any,
         batch: Any,
         batch_idx: int,
     ) -> None:
         stats = outputs.get("statistics") if isinstance(outputs, dict) else None
-        if stats is None or getattr(pl_module, "criterion", None) != "infonce":
+        if stats is None or pl_module.criterion != "infonce":
             return
         loss_sum = ((stats.row_losses_i2t.sum() + stats.row_losses_t2i.sum()) / 2).float()
         # new_full fills on the loss's device; new_tensor would copy from the host and wait there
@@ -131,16 +133,16 @@ class CollapseWatch(L.Callback):
 
     # on_validation_end: the module computes and logs the retrieval metrics in its own
     # on_validation_epoch_end, which runs after the callbacks' one.
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: ControlledSystem) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         images, texts = (int(v) for v in all_reduce_sum(self._counts.to(pl_module.device)).tolist())
         ks = sorted(
-            int(key[len(RECALL_PREFIX) :])
+            k
             for key in trainer.callback_metrics
-            if key.startswith(RECALL_PREFIX)
+            if key.startswith(PREFIX) and (k := recall_k(key[len(PREFIX) :], "i2t")) is not None
         )
-        rsum = trainer.callback_metrics.get("val/rsum")
+        rsum = trainer.callback_metrics.get(f"{PREFIX}{RSUM}")
         if rsum is None or not ks or images < 1 or texts < images:
             return
         chance = chance_rsum(ks, images, texts)
@@ -154,7 +156,7 @@ class CollapseWatch(L.Callback):
             )
 
     # ----------------------------------------------------------------- the epoch's verdict
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ControlledSystem) -> None:
         epoch = trainer.current_epoch
         gaps = self.loss_gaps()
         record: dict[str, Any] = {"epoch": epoch, "loss_at_chance": False, "loss_gap": None}

@@ -46,9 +46,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from adaptalign.callbacks.log_steps import writes_logs
+from adaptalign.callbacks.log_steps import still_writes, writes_logs
 from adaptalign.common.errors import ConfigurationError
-from adaptalign.lightning_modules.controls import Scalar, StepStatistics
+from adaptalign.lightning_modules.controls import ControlledSystem, Scalar, StepStatistics
 from adaptalign.lightning_modules.gather import all_reduce_sum
 
 SIGNALS = ("fixed", "variance", "entropy", "spread")
@@ -184,6 +184,7 @@ class LossWeighting(L.Callback):
         self.ema: Tensor | None = None  # (3, 2): MEASURES x DIRECTIONS
         self.observed_reference: Tensor | None = None
         self.steps = 0
+        self._log_batch = True  # whether Lightning writes the current batch's logs
 
     @property
     def state_key(self) -> str:
@@ -224,11 +225,11 @@ class LossWeighting(L.Callback):
 
     # --------------------------------------------------------------------- hooks
     def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
+        self, trainer: L.Trainer, pl_module: ControlledSystem, batch: object, batch_idx: int
     ) -> None:
         controls = pl_module.controls
         dtype = torch.float32  # the loss's dtype; float64 weights would promote it
-        log = writes_logs(trainer)
+        log = self._log_batch = writes_logs(trainer)
         if self.mode == "global" and self.signal != "fixed":
             scale = _as(self.loss_scale(), pl_module.device, dtype)
             controls.loss_scale = controls.loss_scale * scale
@@ -245,7 +246,7 @@ class LossWeighting(L.Callback):
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: ControlledSystem,
         outputs: object,
         batch: object,
         batch_idx: int,
@@ -260,7 +261,7 @@ class LossWeighting(L.Callback):
             )
         self.observe(reduce_signals(stats))
         ema = self.ema
-        if ema is None or not writes_logs(trainer):
+        if ema is None or not still_writes(trainer, self._log_batch):
             return
         for m, measure in enumerate(MEASURES):
             for d, name in enumerate(DIRECTIONS):

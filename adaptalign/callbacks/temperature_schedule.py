@@ -30,6 +30,7 @@ from torch import Tensor
 from adaptalign.callbacks.log_steps import writes_logs
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.clusters import tercile_bounds
+from adaptalign.lightning_modules.controls import ControlledSystem
 
 
 class TemperatureSchedule(L.Callback):
@@ -125,7 +126,7 @@ class TemperatureSchedule(L.Callback):
                 self.bucket_bounds = tercile_bounds(sizes)
 
     def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int
+        self, trainer: L.Trainer, pl_module: ControlledSystem, batch: dict, batch_idx: int
     ) -> None:
         rows = len(batch["texts"]) if "texts" in batch else int(batch["image_id"].shape[0])
         if self.cluster_shift:
@@ -148,7 +149,7 @@ class TemperatureSchedule(L.Callback):
             self._per_bucket(pl_module, sizes, values)
         self._histogram(trainer, values, step)
 
-    def _per_bucket(self, pl_module: L.LightningModule, sizes: Tensor, values: Tensor) -> None:
+    def _per_bucket(self, pl_module: ControlledSystem, sizes: Tensor, values: Tensor) -> None:
         """Mean value for samples of tail, middle and head clusters (cluster-size terciles)."""
         if self.bucket_bounds is None:
             return

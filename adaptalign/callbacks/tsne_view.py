@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +29,8 @@ class TSNEView(L.Callback):
     """Draws a joint t-SNE of validation images and captions every few epochs.
 
     The first ``max_points`` validation images of global rank 0 (of the first validation loader)
-    are embedded again with all their captions, under ``torch.no_grad``. At the epoch's end the
+    are shown with all their captions, as ``validation_step`` embedded them (its outputs'
+    ``image_embeddings`` and ``text_embeddings``): the towers run once. At the epoch's end the
     view is written to ``<log dir>/tsne/tsne_epoch{E:03d}.png`` and, when the logger's
     ``experiment`` can, logged as the image ``val/tsne`` and (``projector``) as TensorBoard
     projector embeddings with columns modality, cluster and text. Nothing happens while Lightning
@@ -101,9 +102,7 @@ class TSNEView(L.Callback):
     ) -> None:
         if not self._collecting or dataloader_idx != 0 or self._count >= self.max_points:
             return
-        with torch.no_grad(), trainer.precision_plugin.val_step_context():
-            images = pl_module.encode_images(batch)
-            texts = pl_module.encode_texts(batch)
+        images, texts = step_embeddings(outputs)
         room = self.max_points - self._count
         image_ids = batch["image_id"][:room].detach().cpu()
         owners = batch["text_image_id"].detach().cpu()
@@ -194,3 +193,15 @@ def projector_metadata(
         for caption, cluster in zip(captions, text_clusters, strict=True)
     ]
     return rows
+
+
+def step_embeddings(outputs: object) -> tuple[Tensor, Tensor]:
+    """The image and text embeddings a validation step returned, or a clear error."""
+    found = outputs if isinstance(outputs, Mapping) else {}
+    images, texts = found.get("image_embeddings"), found.get("text_embeddings")
+    if not isinstance(images, Tensor) or not isinstance(texts, Tensor):
+        raise ConfigurationError(
+            "TSNEView needs the validation step's embeddings: validation_step must return "
+            "{'image_embeddings': ..., 'text_embeddings': ...} as AlignmentModule does"
+        )
+    return images, texts

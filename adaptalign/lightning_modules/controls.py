@@ -1,14 +1,18 @@
 """The contract between the system and the adaptive callbacks: controls in, statistics out.
 
-Callbacks never reach into the system's private state. Before a training step they write a
-:class:`Controls`; the step consumes it (and the system starts the next step from a fresh one), and
-returns :class:`StepStatistics`, detached, for the callbacks to read in ``on_train_batch_end``.
+Callbacks never reach into the system's private state, nor the system into theirs. Before a
+training step they write a :class:`Controls`; the step consumes it (and the system starts the next
+step from a fresh one), and returns, in the dict ``training_step`` gives Lightning, the detached
+:class:`StepStatistics` and what each extra loss reported (:class:`LossTerm`), for the callbacks to
+read in ``on_train_batch_end(outputs=...)``. :class:`ControlledSystem` lists all a callback may
+touch on the system.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -29,7 +33,19 @@ class StepEmbeddings:
     batch: dict
 
 
-AuxiliaryLoss = Callable[[StepEmbeddings], Tensor]
+@dataclass
+class LossTerm:
+    """An extra loss's value (in the graph) and what its callback reads after the step.
+
+    ``auxiliaries`` should be detached: the step returns it as it is, under
+    ``outputs["auxiliaries"][name]``, and the graph is freed only once the callbacks are done.
+    """
+
+    value: Tensor
+    auxiliaries: Any = None
+
+
+AuxiliaryLoss = Callable[[StepEmbeddings], Tensor | LossTerm]
 
 
 @dataclass
@@ -44,7 +60,9 @@ class Controls:
     rows this rank computes). ``direction_weights`` weigh the image->text and text->image terms;
     ``loss_scale`` multiplies the whole contrastive loss. ``tower_grad_scale`` multiplies the
     gradient reaching each tower's embedding (identity in the forward pass). ``extra_losses`` maps a
-    name to ``(weight, fn)``; ``fn`` receives the step's embeddings and returns a scalar.
+    name to ``(weight, fn)``; ``fn`` receives the step's embeddings and returns a scalar, or a
+    :class:`LossTerm` whose auxiliaries the step hands back under the same name. ``fn`` should only
+    read: it runs inside the step, and whatever it learns goes back through the step's outputs.
     """
 
     temperature: Scalar | None = None
@@ -103,6 +121,23 @@ class StepStatistics:
     @property
     def num_rows(self) -> int:
         return int(self.row_losses_i2t.shape[0])
+
+
+@runtime_checkable
+class ControlledSystem(Protocol):
+    """What a callback may touch on the system: the next step's controls, the device, logging.
+
+    Also the criterion's name, as statistics mean different things under each. Anything else a
+    callback needs comes from the step's outputs or the trainer.
+    """
+
+    controls: Controls
+    criterion: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None: ...
 
 
 class _ScaleGradient(torch.autograd.Function):

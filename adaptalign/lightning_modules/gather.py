@@ -1,4 +1,4 @@
-"""Gathering embeddings across ranks with gradients, for the local contrastive loss.
+"""Gathering rows across ranks: with gradients for the local loss, without for callbacks.
 
 Each rank scores its own rows against every rank's columns, so the negatives are the global batch
 while the work per rank stays ``B x (world * B)``. The gather keeps the autograd graph: its backward
@@ -31,6 +31,35 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+def _row_counts(x: Tensor, world: int) -> list[int]:
+    """Every rank's number of rows of ``x`` (a collective call)."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    return [int(s) for s in sizes]
+
+
+def _all_gather_rows(x: Tensor, counts: list[int]) -> Tensor:
+    """All ranks' rows in rank order: padded to the longest count for the collective, then cut."""
+    longest = max(counts)
+    padded = x
+    if x.shape[0] < longest:
+        padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """All ranks' rows of ``x`` in rank order, outside autograd; ``x`` itself on one process.
+
+    Ranks may hold different numbers of rows. A collective call: every rank must make it.
+    """
+    _, world = distributed_world()
+    if world == 1:
+        return x
+    return _all_gather_rows(x, _row_counts(x, world))
+
+
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows (padded to ``longest``) forward; backward, the summed gradient of own rows.
 
@@ -41,14 +70,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, counts: list[int], rank: int) -> Tensor:  # type: ignore[override]
-        longest = max(counts)
-        padded = x
-        if x.shape[0] < longest:
-            padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded.contiguous())
         ctx.counts, ctx.rank = counts, rank
-        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+        return _all_gather_rows(x, counts)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
@@ -67,7 +90,5 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     rank, world = distributed_world()
     if world == 1:
         return x, 0
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    counts = [int(s) for s in sizes]
+    counts = _row_counts(x, world)
     return _GatherRows.apply(x, counts, rank), sum(counts[:rank])

@@ -14,8 +14,6 @@ from torch import Tensor
 
 from adaptalign.lightning_modules.controls import Scalar, StepStatistics
 
-CRITERIA = ("infonce", "max_margin")
-
 
 def _per_row(value: Scalar, rows: int, like: Tensor, name: str) -> Tensor:
     """Broadcastable (rows, 1) column of a scalar or per-row value; refuses other shapes."""

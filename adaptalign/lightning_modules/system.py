@@ -1,8 +1,9 @@
 """The alignment system: two towers, a contrastive criterion, and the controls/statistics contract.
 
 Nothing adaptive lives here. Callbacks write :class:`Controls` before a step; the step consumes them
-(the next step starts from fresh defaults) and returns detached :class:`StepStatistics` beside the
-loss, so schedules, loss weights and modality weights compose without touching this class.
+(the next step starts from fresh defaults) and returns detached :class:`StepStatistics`, and what
+the extra losses reported, beside the loss, so schedules, loss weights and modality weights compose
+without touching this class. Validation returns its embeddings, for callbacks that show them.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -24,9 +24,18 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from adaptalign.common.errors import ConfigurationError, NonFiniteLossError
 from adaptalign.lightning_modules import rng
-from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
+from adaptalign.lightning_modules.controls import (
+    Controls,
+    LossTerm,
+    StepEmbeddings,
+    StepStatistics,
+    scale_gradient,
+)
 from adaptalign.lightning_modules.gather import distributed_world, gather_with_grad
 from adaptalign.lightning_modules.losses import info_nce, max_margin, step_statistics
+from adaptalign.lightning_modules.metric_names import RSUM
+from adaptalign.lightning_modules.nonfinite import checkpoint_note, controls_in_force
+from adaptalign.lightning_modules.optimisation import optimiser_with_schedule, parameter_groups
 from adaptalign.lightning_modules.retrieval import RetrievalMetric
 from adaptalign.lightning_modules.towers import (
     ImageTower,
@@ -49,12 +58,14 @@ def _as_config(value: object, cls: type, name: str) -> object:
     return value
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class StepLoss(NamedTuple):
+    """One step's loss (in the graph) and, detached, its logged parts, its statistics for the
+    callbacks, and the auxiliaries extra losses returned, by name."""
+
+    loss: Tensor
+    parts: dict[str, Tensor]
+    statistics: StepStatistics
+    auxiliaries: dict[str, Any]
 
 
 def _unit_rows(embeddings: Tensor) -> Tensor:
@@ -181,7 +192,7 @@ class AlignmentModule(L.LightningModule):
     # ----------------------------------------------------------------- training
     def contrastive_loss(
         self, image: Tensor, text: Tensor, batch: dict, controls: Controls
-    ) -> tuple[Tensor, dict[str, Tensor], object]:
+    ) -> StepLoss:
         """Loss of this rank's rows against the gathered batch, under the given controls.
 
         Always in float32, also under mixed precision: logits are similarities divided by
@@ -193,7 +204,7 @@ class AlignmentModule(L.LightningModule):
 
     def _contrastive_loss(
         self, image: Tensor, text: Tensor, batch: dict, controls: Controls
-    ) -> tuple[Tensor, dict[str, Tensor], object]:
+    ) -> StepLoss:
         image = scale_gradient(image, controls.tower_grad_scale[0])
         text = scale_gradient(text, controls.tower_grad_scale[1])
         all_image, offset = gather_with_grad(image)
@@ -222,27 +233,38 @@ class AlignmentModule(L.LightningModule):
             # A schedule replaced the learnable temperature this step; keep the parameter in the
             # graph (with zero gradient) so DDP does not stall waiting for its gradient.
             loss = loss + 0.0 * self.log_scale
+        auxiliaries: dict[str, Any] = {}
         if controls.extra_losses:
             view = StepEmbeddings(image, text, all_image, all_text, batch)
             for name, (weight, fn) in controls.extra_losses.items():
                 term = fn(view)
+                if isinstance(term, LossTerm):
+                    auxiliaries[name] = term.auxiliaries
+                    term = term.value
                 parts[name] = term.detach()
                 loss = loss + weight * term
         stats = step_statistics(sim_i2t, sim_t2i, targets, tau, row_i2t, row_t2i)
-        return loss, parts, stats
+        return StepLoss(loss, parts, stats, auxiliaries)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
+        """The loss, and for the callbacks' ``on_train_batch_end``: the step's ``statistics``,
+        the ``controls`` it used, and the ``auxiliaries`` of its extra losses by name."""
         controls, self.controls = self.controls, Controls()
         image = self.encode_images(batch)
         text = self.encode_texts(batch)
-        loss, parts, stats = self.contrastive_loss(image, text, batch, controls)
+        loss, parts, stats, auxiliaries = self.contrastive_loss(image, text, batch, controls)
         self._check_finite(loss, batch, batch_idx, controls)
         size = image.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=size)
         self.log("train/temperature", stats.temperature.mean(), batch_size=size)
-        return {"loss": loss, "statistics": stats, "controls": controls}
+        return {
+            "loss": loss,
+            "statistics": stats,
+            "controls": controls,
+            "auxiliaries": auxiliaries,
+        }
 
     def attached_trainer(self) -> L.Trainer | None:
         """The trainer running the module, or ``None`` when it runs without one (as in tests)."""
@@ -265,54 +287,30 @@ class AlignmentModule(L.LightningModule):
             return
         ids = batch.get("image_id")
         shown = ids[:8].tolist() if isinstance(ids, Tensor) else []
+        temperature = float(self.temperature.detach())
+        in_force = controls_in_force(controls, self.criterion, temperature, self.hparams.margin)
         raise NonFiniteLossError(
             f"non-finite training loss ({float(loss.detach()):g} on this process) at epoch "
             f"{self.current_epoch}, global step {self.global_step}, batch {batch_idx} "
             f"(image ids {shown}{' ...' if len(shown) == 8 else ''}); controls in force: "
-            f"{self._controls_in_force(controls)}. Training stopped; {self._checkpoint_note()}"
+            f"{in_force}. Training stopped; {checkpoint_note(trainer)}"
         )
 
-    def _controls_in_force(self, controls: Controls) -> dict[str, object]:
-        """The step's controls, with the system's own temperature and margin, marked ``(model)``,
-        where no callback set one."""
-        shown = controls.describe()
-        if controls.temperature is None:
-            shown["temperature"] = f"{float(self.temperature.detach()):.4g} (model)"
-        if self.criterion == "max_margin":
-            if controls.margin is None:
-                shown["margin"] = f"{self.hparams.margin:g} (model)"
-        elif controls.margin is None:
-            del shown["margin"]  # InfoNCE has no margin
-        return shown
-
-    def _checkpoint_note(self) -> str:
-        """Which checkpoint to go on from: the newest one this run wrote or resumed from, if any.
-
-        Every step before this one had a finite loss, so every checkpoint written so far is good.
-        """
-        trainer = self.attached_trainer()
-        paths = []
-        for callback in trainer.checkpoint_callbacks if trainer is not None else []:
-            paths += [
-                getattr(callback, name, "") for name in ("last_model_path", "best_model_path")
-            ]
-        written = [Path(p) for p in paths if p and Path(p).is_file()]
-        if not written:
-            return "no checkpoint had been written yet."
-        newest = max(written, key=lambda p: p.stat().st_mtime_ns)
-        return f"every checkpoint written so far is from a good step; the newest is {newest}."
-
     # --------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: dict, metric: RetrievalMetric) -> None:
+    def _evaluate(self, batch: dict, metric: RetrievalMetric) -> dict[str, Tensor]:
+        """Scores the batch into ``metric``; its embeddings, for callbacks that show them."""
+        image = self.encode_images(batch)
+        text = self.encode_texts(batch)
         metric.update(
-            self.encode_images(batch),
+            image,
             batch["image_id"],
-            self.encode_texts(batch),
+            text,
             batch["text_id"],
             batch["text_image_id"],
             batch.get("image_bucket"),
             batch.get("text_bucket"),
         )
+        return {"image_embeddings": image, "text_embeddings": text}
 
     def on_validation_epoch_start(self) -> None:
         self._share_normalisation_statistics()
@@ -331,19 +329,21 @@ class AlignmentModule(L.LightningModule):
                 for buffer in module.buffers():
                     dist.broadcast(buffer, src=0)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_retrieval)
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """The batch's ``image_embeddings`` and ``text_embeddings`` (rows as in the batch), which
+        ``on_validation_batch_end`` receives as ``outputs``: a view needs no second pass."""
+        return self._evaluate(batch, self.val_retrieval)
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_retrieval.compute()
-        rsum = results.pop("rsum")
+        rsum = results.pop(RSUM)
         # The metric is already global; syncing identical values only silences Lightning's advice.
         self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)
-        self.log("val/rsum", rsum, prog_bar=True, sync_dist=True)
+        self.log(f"val/{RSUM}", rsum, prog_bar=True, sync_dist=True)
         self.val_retrieval.reset()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_retrieval)
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, self.test_retrieval)
 
     def on_test_epoch_end(self) -> None:
         results = self.test_retrieval.compute()
@@ -400,32 +400,9 @@ class AlignmentModule(L.LightningModule):
         ]
         if self.log_scale.requires_grad:
             heads.append(self.log_scale)
-        decay = self.hparams.weight_decay
-        groups = []
-        for name, params, lr in (
-            ("towers", towers, self.hparams.tower_lr),
-            ("projections", heads, self.hparams.lr),
-        ):
-            matrices = [p for p in params if p.ndim >= 2]
-            others = [p for p in params if p.ndim < 2]
-            if matrices:
-                groups.append({"name": name, "params": matrices, "lr": lr, "weight_decay": decay})
-            if others:
-                groups.append(
-                    {"name": f"{name}_no_decay", "params": others, "lr": lr, "weight_decay": 0.0}
-                )
-        if self.hparams.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=self.hparams.momentum)
-        else:
-            optimizer = torch.optim.AdamW(groups)
+        hp = self.hparams
+        groups = parameter_groups(towers, heads, hp.tower_lr, hp.lr, hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.hparams.warmup
-        warmup_steps = int(warmup * total) if warmup < 1 else int(warmup)
-        min_ratio = self.hparams.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total, min_ratio)
+        return optimiser_with_schedule(
+            groups, hp.optimizer, hp.momentum, total, hp.warmup, hp.min_lr_ratio
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
