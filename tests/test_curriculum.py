@@ -318,9 +318,6 @@ def test_epoch_start_sets_share_and_epoch_and_logs(curriculum: ModuleType) -> No
     assert (s.epoch, s.same_object_share) == (2, 0.75)
     assert module.logged == {"curriculum/same_object_share": 0.75}
     assert callback.state_dict()["last_epoch"] == 2
-    assert curriculum.initial_share(trainer) == 0.75
-    assert curriculum.initial_share(trainer, epoch=0) == 0.0
-    assert curriculum.initial_share(fake_trainer(None, 3, [])) == 0.0
 
 
 class Keys(torch.utils.data.Dataset):
@@ -333,37 +330,23 @@ class Keys(torch.utils.data.Dataset):
         return key
 
 
-class FakeFetcher:
-    """Stands in for Lightning's data fetcher: iterating it starts the loader again."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-        self.first: list | None = None
-
-    def __iter__(self) -> FakeFetcher:
-        self.first = next(iter(self.loader))
-        return self
-
-    def __next__(self) -> list:
-        raise StopIteration
-
-
-def test_batches_drawn_before_the_run_started_are_drawn_again(curriculum: ModuleType) -> None:
+def test_a_loader_that_drew_before_the_run_started_is_refused(curriculum: ModuleType) -> None:
+    """Batches planned with other settings would train the epoch: an error, not a warning."""
     s = sampler(long_tail_tags())
     loader = DataLoader(Keys(), batch_sampler=s, collate_fn=list)
-    next(iter(loader))  # a loader with workers draws when its iterator is created
-    assert s.last_plan == (0, 0.0)
     callback = curriculum.ObjectCurriculum(ramp_epochs=3)
-    trainer = fake_trainer(loader, 1, [callback])
-    trainer.fit_loop = SimpleNamespace(_data_fetcher=FakeFetcher(loader))
-    callback.on_train_start(trainer, FakeModule())
+    callback.on_train_start(fake_trainer(loader, 1, [callback]), FakeModule())  # nothing drawn
+    assert (s.epoch, s.same_object_share, s.last_plan) == (1, 0.5, None)
+    next(iter(loader))  # drawn with the settings it has: the plan the epoch should train on
+    callback.on_train_start(fake_trainer(loader, 1, [callback]), FakeModule())
     assert s.last_plan == (1, 0.5)
-    assert trainer.fit_loop._data_fetcher.first == [(i, 1) for i in s.global_batches(1, 0.5)[0]]
-    trainer.fit_loop = SimpleNamespace()  # no fetcher to restart: a clear warning instead
-    callback.on_train_epoch_start(fake_trainer(loader, 2, [callback]), FakeModule())
-    next(iter(loader))
-    with pytest.warns(UserWarning, match=r"drew batches \(epoch 2, same_object_share 1\) before"):
-        callback.on_train_start(trainer, FakeModule())
+    # a loader with workers draws when its iterator is created, before the epoch's settings
+    with pytest.raises(
+        ConfigurationError,
+        match=r"drew batches \(epoch 1, same_object_share 0.5\) before epoch 2 \(share 1\) "
+        r"started; ObjectCurriculum needs a training loader that starts drawing at its first",
+    ):
+        callback.on_train_start(fake_trainer(loader, 2, [callback]), FakeModule())
 
 
 def test_a_loader_without_the_sampler_is_a_clear_error(curriculum: ModuleType) -> None:
@@ -459,7 +442,7 @@ def test_resumed_fit_draws_the_same_batches(
             callback,
             callbacks=(checkpoints,),
             ckpt_path=ckpt,
-            num_workers=1,  # its iterator draws before the resumed epoch starts
+            num_workers=1,  # a plain loader with a worker would draw before the epoch starts
             enable_checkpointing=True,
         )
         return trained, callback

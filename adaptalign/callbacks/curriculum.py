@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from adaptalign.common.checks import is_int as _is_int
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler, batch_purity
+from adaptalign.lightning_modules.controls import ControlledSystem
 
 Schedule = Literal["switch", "ramp"]
 SCHEDULES = ("switch", "ramp")
@@ -151,31 +152,28 @@ class ObjectCurriculum(L.Callback):
         self.resolve(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Set up the run's first epoch, redrawing batches drawn early with other settings.
+        """Set up the run's first epoch, which a run resumed mid-epoch starts without
+        ``on_train_epoch_start``; refuse a loader that drew its batches before.
 
         Lightning creates the training loader's iterator before the run's first epoch starts
         (when the optimiser's schedule asks for the number of steps, or before a resumed epoch)
-        and does not create it again for that epoch. A loader with workers draws its first
-        batches at once, with the sampler's settings of that moment, so when those differ from
-        the curriculum's (a resumed run) the iteration is started again. This hook also covers
-        a run resumed mid-epoch, which skips ``on_train_epoch_start``.
+        and does not create it again for that epoch. The data module's loader starts drawing at
+        its first batch, after this hook, so the sampler plans the epoch with the curriculum's
+        settings. A loader that draws at once (a plain DataLoader with workers) would train the
+        epoch on batches planned with other settings, and Lightning offers no way to start its
+        iteration again: that is an error, not a warning lost in the log.
         """
         sampler, epoch, share = self._configure(trainer)
         drawn = sampler.last_plan
-        if drawn is None or drawn == (epoch, share):
-            return
-        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-        if fetcher is None:
-            rank_zero_warn(
+        if drawn is not None and drawn != (epoch, share):
+            raise ConfigurationError(
                 f"the curriculum sampler drew batches (epoch {drawn[0]}, same_object_share "
-                f"{drawn[1]:g}) before epoch {epoch} (share {share:g}) started and the loader "
-                "could not be restarted; build the sampler with epoch=trainer.current_epoch and "
-                "same_object_share=initial_share(trainer)"
+                f"{drawn[1]:g}) before epoch {epoch} (share {share:g}) started; ObjectCurriculum "
+                "needs a training loader that starts drawing at its first batch, as the data "
+                "module's does (data.sampler: curriculum)"
             )
-            return
-        iter(fetcher)  # a new iteration of the loader: the sampler plans it with the settings
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ControlledSystem) -> None:
         # Later epochs' iterators are created after this hook, so setting the sampler suffices.
         _, _, share = self._configure(trainer)
         pl_module.log(
@@ -194,7 +192,7 @@ class ObjectCurriculum(L.Callback):
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: ControlledSystem,
         outputs: Any,
         batch: Any,
         batch_idx: int,
@@ -232,17 +230,3 @@ class ObjectCurriculum(L.Callback):
         self.resolved_ramp_epochs = state_dict.get("resolved_ramp_epochs", self.ramp_epochs)
         self.last_epoch = state_dict.get("last_epoch")
         self._restored = True
-
-
-def initial_share(trainer: L.Trainer, epoch: int | None = None) -> float:
-    """The same-object share of ``epoch`` (default: the trainer's current one) for a new sampler.
-
-    A data module building a :class:`CurriculumBatchSampler` passes this (and the epoch), so
-    batches a DataLoader with workers draws before the epoch starts are already the right ones;
-    0 when the trainer has no :class:`ObjectCurriculum`.
-    """
-    for callback in trainer.callbacks:
-        if isinstance(callback, ObjectCurriculum):
-            callback.resolve(trainer)
-            return callback.share(trainer.current_epoch if epoch is None else epoch)
-    return 0.0
