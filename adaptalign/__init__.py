@@ -31,6 +31,7 @@ _WHERE = {
     "EmbeddingWriter": "adaptalign.callbacks.embedding_writer",
     "CollapseWatch": "adaptalign.callbacks.collapse_watch",
     "RunSummary": "adaptalign.callbacks.run_summary",
+    "ModelInputsLink": "adaptalign.callbacks.model_inputs",
     # errors the command line reports in one line
     "ConfigurationError": "adaptalign.common.errors",
     "DatasetFormatError": "adaptalign.common.errors",
