@@ -42,20 +42,8 @@ from adaptalign.lightning_modules.towers import (
     ImageTowerConfig,
     TextTower,
     TextTowerConfig,
+    tower_config,
 )
-
-
-def _as_config(value: object, cls: type, name: str) -> object:
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        try:
-            return cls(**value)
-        except TypeError as exc:
-            raise ConfigurationError(f"{name}: {exc}") from exc
-    if not isinstance(value, cls):
-        raise ConfigurationError(f"{name} must be a {cls.__name__} or a mapping, got {value!r}")
-    return value
 
 
 class StepLoss(NamedTuple):
@@ -114,8 +102,8 @@ class AlignmentModule(L.LightningModule):
         momentum: float = 0.9,
     ) -> None:
         super().__init__()
-        image_cfg = _as_config(image_tower, ImageTowerConfig, "image_tower")
-        text_cfg = _as_config(text_tower, TextTowerConfig, "text_tower")
+        image_cfg = tower_config(image_tower, ImageTowerConfig, "image_tower")
+        text_cfg = tower_config(text_tower, TextTowerConfig, "text_tower")
         self._validate(embed_dim, criterion, temperature, temperature_bounds, margin, warmup)
         if optimizer not in ("adamw", "sgd"):
             raise ConfigurationError(f"optimizer={optimizer!r}; expected 'adamw' or 'sgd'")

@@ -64,6 +64,20 @@ class TextTowerConfig:
     chunk_size: int | None = 32
 
 
+def tower_config(value: object, cls: type, name: str) -> object:
+    """A tower's settings from ``cls``, a mapping (as a config file gives them) or None."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise ConfigurationError(f"{name}: {exc}") from exc
+    if not isinstance(value, cls):
+        raise ConfigurationError(f"{name} must be a {cls.__name__} or a mapping, got {value!r}")
+    return value
+
+
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
