@@ -594,22 +594,27 @@ def test_an_attempt_in_another_setting_is_not_continued(tmp_path: Path) -> None:
     assert resume_point(run, ["--trainer.max_epochs=3"]) is None  # finished: nothing to go on with
 
 
-def test_an_override_reaches_the_configs_last_callback(tmp_path: Path, capsys) -> None:
-    """Not the run summary the comparison adds: that one is appended after the overrides."""
+def test_an_override_reaches_a_method_and_the_summary_comes_last(tmp_path: Path, capsys) -> None:
+    """An override of a method's setting reaches it; the run summary is added after overrides,
+    so an override that appends a callback of its own (and sets it) is not taken by the summary."""
     from adaptalign.experiments.compare_runs import Run, fit_command
 
     run = Run("arl", f"{TINY}+configs/methods/arl.yaml", 16, 0, tmp_path / "run")
-    command = fit_command(run, ["--trainer.callbacks.init_args.gamma=0.5"])
+    writer = "adaptalign.callbacks.embedding_writer.EmbeddingWriter"
+    overrides = ["--methods.arl.gamma=0.5", f"--trainer.callbacks+={writer}"]
+    command = fit_command(run, [*overrides, "--trainer.callbacks.output_path=mine.pt"])
     assert command[3] == "fit"
     with pytest.raises(SystemExit) as exit_info:
         cli_main([*command[3:], "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["methods"]["arl"]["init_args"]["gamma"] == 0.5
+    assert printed["methods"]["arl"]["init_args"]["warmup_epochs"] == 5  # the rest of arl.yaml
     settings = {
         c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {})
         for c in printed["trainer"]["callbacks"]
     }
-    assert settings["ARL"]["gamma"] == 0.5
+    assert settings["EmbeddingWriter"]["output_path"] == "mine.pt"
     assert settings["RunSummary"]["output_path"] == str(run.summary_path)
 
 

@@ -85,8 +85,9 @@ def fit_command(run: Run, overrides: Sequence[str]) -> list[str]:
         "--trainer.logger.name",
         "",
     ]
-    # The summary callback comes after the overrides, so an override of the last callback's
-    # settings (``--trainer.callbacks.init_args.gamma=0.5``) reaches the config's own callback.
+    # The summary callback comes after the overrides, so an override that adds a callback and
+    # sets it (``--trainer.callbacks+=X --trainer.callbacks.a=1``) sets its own, not the summary.
+    # A method's settings are overridden by key: ``--methods.arl.gamma=0.5``.
     summary = [
         "--trainer.callbacks+=adaptalign.callbacks.run_summary.RunSummary",
         f"--trainer.callbacks.output_path={run.summary_path}",
