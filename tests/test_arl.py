@@ -26,8 +26,8 @@ from adaptalign.datamodules.clusters import ClusterConfig
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.lightning_modules.controls import Controls, StepEmbeddings, scale_gradient
-from tests.builders import quiet_trainer, tiny_module
-from tests.distributed import run_distributed
+from tests.helpers.builders import quiet_trainer, tiny_module
+from tests.helpers.distributed import run_distributed
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -270,6 +270,7 @@ def test_scale_gradient_gradcheck_in_double() -> None:
     )
 
 
+@pytest.mark.slow
 def test_tower_gradients_are_one_plus_w_times(tiny_text_model: str) -> None:
     """The scales ARL writes multiply each tower's gradient, the loss value unchanged."""
     module = tiny_module(tiny_text_model, temperature=0.1)
@@ -435,6 +436,7 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
     torch.save({"scales": [c.tower_grad_scale for c in scales], "state": state}, out + f"{rank}")
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
     run_distributed(_ddp_worker, 2, tmp_path, str(tmp_path / "rank"))
     ranks = [torch.load(tmp_path / f"rank{r}", weights_only=False) for r in range(2)]
@@ -479,6 +481,7 @@ class Probe(L.Callback):
         self.rows[-1]["bias"] = controls.extra_losses["arl_bias"][0]
 
 
+@pytest.mark.slow
 def test_fit_applies_the_weights_and_the_bias_term(tiny_text_model: str, tmp_path: Path) -> None:
     data = AlignmentDataModule(
         generated=GeneratedConfig(num_train=48, num_val=8, num_test=8, image_size=32),

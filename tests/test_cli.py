@@ -40,12 +40,14 @@ def trained_run(tiny_text_model: str, tmp_path_factory: pytest.TempPathFactory) 
     return root
 
 
+@pytest.mark.slow
 def test_fast_dev_run_fit(tiny_text_model: str, tmp_path: Path, cache_dir: Path) -> None:
     run(tiny_text_model, tmp_path, "fit", "--trainer.fast_dev_run", "true")
     # fast_dev_run writes no checkpoint and no config, but the generated data reached the cache.
     assert list(cache_dir.glob("generated/*/dataset_generated.json"))
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(
     tiny_text_model: str, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -58,6 +60,7 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(
     assert last["epoch"] == 2 and last["global_step"] == 9  # 48 images / 16 per batch x 3 epochs
 
 
+@pytest.mark.slow
 def test_fit_saves_config_logs_and_checkpoints(trained_run: Path) -> None:
     (version,) = (trained_run / "lightning_logs").iterdir()
     config = yaml.safe_load((version / "config.yaml").read_text())
@@ -84,6 +87,7 @@ def test_fit_saves_config_logs_and_checkpoints(trained_run: Path) -> None:
     assert len(events.Scalars("val/rsum")) == 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tiny_text_model: str, trained_run: Path, tmp_path: Path) -> None:
     """A second run with the same config and seed ends with bit-identical weights."""
     cache = trained_run / "cache"
@@ -103,6 +107,7 @@ def test_same_seed_same_weights(tiny_text_model: str, trained_run: Path, tmp_pat
         assert torch.equal(value, second["state_dict"][key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["validate", "test"])
 def test_evaluate_from_checkpoint(
     command: str, tiny_text_model: str, trained_run: Path, tmp_path: Path, capsys
@@ -122,6 +127,7 @@ def test_evaluate_from_checkpoint(
     assert f"{prefix}/rsum" in out and f"{prefix}/i2t_R@1" in out
 
 
+@pytest.mark.slow
 def test_predict_writes_embeddings(tiny_text_model: str, trained_run: Path, tmp_path: Path) -> None:
     ckpt = next(trained_run.glob("lightning_logs/*/checkpoints/last.ckpt"))
     target = tmp_path / "emb.pt"
@@ -175,6 +181,7 @@ def test_print_config(tiny_text_model: str, tmp_path: Path, capsys) -> None:
         (["--model.text_tower.model_name", "./no/such/folder"], "does not exist"),
     ],
 )
+@pytest.mark.slow
 def test_bad_settings_exit_with_one_clear_message(
     override: list[str], message: str, tiny_text_model: str, tmp_path: Path, capsys
 ) -> None:
@@ -186,6 +193,7 @@ def test_bad_settings_exit_with_one_clear_message(
     assert __import__("re").search(message, err), err
 
 
+@pytest.mark.ddp
 def test_two_process_ddp_fit_on_cpu(tiny_text_model: str, tmp_path: Path) -> None:
     """The real launcher: `adaptalign fit` with DDP on 2 CPU processes trains and checkpoints."""
     import os

@@ -101,6 +101,7 @@ def test_weights_without_state_dict_are_named(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["last", "best", "hpc", "checkpoint"])
 def test_special_values_and_checkpoints_go_on_to_build_the_run(
     value: str, tmp_path: Path, nothing_built: None
@@ -117,6 +118,7 @@ def test_check_leaves_folders_to_lightning(tmp_path: Path) -> None:
     check_ckpt_path(tmp_path)
 
 
+@pytest.mark.slow
 def test_checkpoint_settings_this_version_lacks_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -137,6 +139,7 @@ SCHEDULE = "adaptalign.callbacks.temperature_schedule.TemperatureSchedule"
 REFUSAL = "alpha/2=0.45 must be < shift_min=0.05, or the temperature could reach 0 or below"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given_in", ["config", "command line"])
 def test_a_callbacks_refusal_is_shown_alone(
     given_in: str, tiny_text_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -23,7 +23,7 @@ from adaptalign.datamodules.clusters import (
 )
 from adaptalign.datamodules.feature_cache import FeatureCache
 from adaptalign.lightning_modules.towers import TextTower, TextTowerConfig
-from tests.captions import some_captions
+from tests.helpers.captions import some_captions
 
 SENTENCES = ("a red circle", "two blue squares on the left", "a small green star in the corner")
 
@@ -56,6 +56,7 @@ def test_obvious_groups_and_size_of(tiny_text_model: str) -> None:
     assert result.size_of(result.labels).tolist() == expected
 
 
+@pytest.mark.slow
 def test_deterministic_and_cached(
     tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,6 +103,7 @@ def by_caption(captions: list[str], clustering: Clustering) -> dict[str, int]:
     return dict(zip(captions, clustering.labels.tolist(), strict=True))
 
 
+@pytest.mark.slow
 def test_clusters_depend_only_on_the_captions_not_their_order(tiny_text_model: str) -> None:
     """Shuffled, reversed or regrouped, the same captions get the same labels and sizes."""
     captions = weighted_captions()
@@ -117,6 +119,7 @@ def test_clusters_depend_only_on_the_captions_not_their_order(tiny_text_model: s
         assert np.array_equal(other.sizes, first.sizes)
 
 
+@pytest.mark.slow
 def test_cached_labels_are_found_whatever_the_order(
     tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,6 +136,7 @@ def test_cached_labels_are_found_whatever_the_order(
         cluster_captions(captions + captions[:1], cfg, cache, progress=False)
 
 
+@pytest.mark.slow
 def test_clusters_reuse_the_frozen_text_towers_cached_rows(
     tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,6 +191,7 @@ def test_centroids_and_nearest_by_hand() -> None:
     assert clusters.nearest_centroid(queries, centres).tolist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_evaluation_captions_join_their_nearest_cluster(
     tiny_text_model: str, tmp_path: Path
 ) -> None:

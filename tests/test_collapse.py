@@ -21,7 +21,7 @@ from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.lightning_cli.cli import trainer_defaults
 from adaptalign.lightning_modules.controls import StepStatistics
 from adaptalign.lightning_modules.retrieval import RetrievalMetric
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 
 def test_chance_recall_matches_hand_computation() -> None:
@@ -41,6 +41,7 @@ def test_chance_recall_matches_hand_computation() -> None:
         chance_recall(1, 0, 5)
 
 
+@pytest.mark.slow
 def test_chance_rsum_is_what_random_embeddings_score() -> None:
     """The metric's rsum on random embeddings, averaged over 300 draws, is the chance rsum."""
     g = torch.Generator().manual_seed(0)
@@ -91,6 +92,7 @@ def collapse_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, CollapseWarning)]
 
 
+@pytest.mark.slow
 def test_a_zeroed_projection_is_flagged_and_written_in_the_summary(
     tiny_text_model: str, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -131,6 +133,7 @@ def test_a_zeroed_projection_is_flagged_and_written_in_the_summary(
     assert abs(first["loss_gap"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_learning_run_is_not_flagged(
     tiny_text_model: str, tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -177,6 +177,7 @@ def test_several_training_sizes_draw_lines_with_the_legend_below() -> None:
         assert [t.get_text() for t in axis.get_xticklabels()] == ["16", "48"]
 
 
+@pytest.mark.slow
 def test_results_plot_is_titled_after_the_comparison_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -448,6 +449,7 @@ def run_files(output: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
 def test_comparison_writes_summaries_and_results(comparison: tuple[Path, str]) -> None:
     output, printed = comparison
     for label in ("tiny n=16 seed=0", "tiny n=32 seed=0", "tiny n=16 seed=1", "tiny n=32 seed=1"):
@@ -488,6 +490,7 @@ def same_environment(comparison: tuple[Path, str], monkeypatch: pytest.MonkeyPat
     return output
 
 
+@pytest.mark.slow
 def test_rerunning_the_same_command_skips_every_finished_run(
     same_environment: Path, tiny_text_model: str
 ) -> None:
@@ -501,6 +504,7 @@ def test_rerunning_the_same_command_skips_every_finished_run(
         assert len(list(csv.DictReader(handle))) == 4
 
 
+@pytest.mark.slow
 def test_a_deleted_summary_reruns_that_run_and_failures_do_not_stop_the_rest(
     same_environment: Path, tiny_text_model: str
 ) -> None:
@@ -533,6 +537,7 @@ def test_a_deleted_summary_reruns_that_run_and_failures_do_not_stop_the_rest(
         assert len(list(csv.DictReader(handle))) == 4
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_goes_on_from_its_last_checkpoint(
     same_environment: Path, tiny_text_model: str
 ) -> None:
@@ -618,6 +623,7 @@ def test_an_override_reaches_a_method_and_the_summary_comes_last(tmp_path: Path,
     assert settings["RunSummary"]["output_path"] == str(run.summary_path)
 
 
+@pytest.mark.slow
 def test_stress_test_of_finished_runs(comparison: tuple[Path, str], tiny_text_model: str) -> None:
     """``--stress-rates`` evaluates each finished run's best checkpoint under noise, once."""
     output, _ = comparison

@@ -21,7 +21,7 @@ from adaptalign.cli import main
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_cli.cli import build_cli
 from adaptalign.lightning_modules.controls import Controls
-from tests.builders import COMBINED_METHODS, final_validation
+from tests.helpers.builders import COMBINED_METHODS, final_validation
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -54,6 +54,7 @@ class ControlsProbe(L.Callback):
         self.losses.append(outputs["loss"].detach())
 
 
+@pytest.mark.slow
 def test_combined_config_composes_all_four_methods(tiny_text_model: str, tmp_path: Path) -> None:
     args = [*combined_args(tiny_text_model, tmp_path), f"--trainer.default_root_dir={tmp_path}"]
     cli = build_cli(args, run=False)
@@ -85,6 +86,7 @@ def test_combined_config_composes_all_four_methods(tiny_text_model: str, tmp_pat
     assert all(abs(a + b - 3.0) < 1e-6 and a != b for a, b in later)
 
 
+@pytest.mark.slow
 def test_combined_config_trains_in_bf16_mixed_precision(
     tiny_text_model: str, tmp_path: Path
 ) -> None:
@@ -121,18 +123,19 @@ def test_two_writers_of_one_control_are_refused() -> None:
         controls.add_extra_loss("x", 1.0, lambda view: torch.zeros(()))
 
 
+@pytest.mark.ddp
 def test_combined_config_under_two_process_ddp(tiny_text_model: str, tmp_path: Path) -> None:
     """All four methods on 2 CPU processes: what each rank did, step by step, and the results.
 
-    ``tests.ddp_probe.StepProbe`` records on each rank the controls, this rank's loss and the loss
-    of one process on the global batch; the run's final validation is then repeated on one process
-    from its checkpoint.
+    ``tests.helpers.ddp_probe.StepProbe`` records on each rank the controls, this rank's loss and
+    the loss of one process on the global batch; the run's final validation is then repeated on
+    one process from its checkpoint.
     """
     # 3 global batches of 2 x 16 an epoch
     settings = [*combined_args(tiny_text_model, tmp_path), "--data.generated.num_train=96"]
     ddp_root = tmp_path / "ddp"
     probe = [
-        "--trainer.callbacks+=tests.ddp_probe.StepProbe",
+        "--trainer.callbacks+=tests.helpers.ddp_probe.StepProbe",
         f"--trainer.callbacks.out={ddp_root}",
     ]
     ddp = [
@@ -142,7 +145,7 @@ def test_combined_config_under_two_process_ddp(tiny_text_model: str, tmp_path: P
     ]
     result = subprocess.run(
         [sys.executable, "-m", "adaptalign", "fit", *settings, *ddp, *probe],
-        cwd=ROOT,  # ``tests.ddp_probe`` imports from the repository root
+        cwd=ROOT,  # ``tests.helpers.ddp_probe`` imports from the repository root
         capture_output=True,
         text=True,
         timeout=600,

@@ -23,7 +23,7 @@ from adaptalign.datamodules.curriculum_sampler import (
     batch_purity,
     batch_statistics,
 )
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 if TYPE_CHECKING:
     import lightning as L
@@ -222,6 +222,7 @@ def _ddp_sampler_work(rank: int, world: int, tags: list, out_dir: str) -> None:
         Path(out_dir, "batches.json").write_text(json.dumps(gathered))
 
 
+@pytest.mark.ddp
 def test_ranks_under_ddp_cover_each_global_batch_once(tmp_path: Path) -> None:
     tags = long_tail_tags()
     run_distributed(_ddp_sampler_work, 2, tmp_path, tags, str(tmp_path))
@@ -375,7 +376,7 @@ def curriculum_fit(
 
     from adaptalign.datamodules.datamodule import AlignmentDataModule
     from adaptalign.datamodules.generated import GeneratedConfig
-    from tests.builders import quiet_trainer, tiny_module
+    from tests.helpers.builders import quiet_trainer, tiny_module
 
     trained: dict[int, list[list[int]]] = {}
 
@@ -427,6 +428,7 @@ def test_real_fit_follows_the_curriculum(
     assert callback.state_dict()["last_epoch"] == 1
 
 
+@pytest.mark.slow
 def test_resumed_fit_draws_the_same_batches(
     curriculum: ModuleType, tiny_text_model: str, tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.datasets import default_transform
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.model_inputs import ModelInputs
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 GENERATED = GeneratedConfig(num_train=32, num_val=8, num_test=8, image_size=32)
 
@@ -47,6 +47,7 @@ def no_kmeans(monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------- prepare_data
 
 
+@pytest.mark.slow
 def test_prepare_data_fills_the_cluster_cache_and_keeps_nothing(
     tmp_path: Path,
     tiny_text_model: str,
@@ -107,6 +108,7 @@ def fit_logged(
     return logger
 
 
+@pytest.mark.slow
 def test_the_cluster_size_plot_comes_from_its_callback_only(
     tmp_path: Path, tiny_text_model: str
 ) -> None:

@@ -34,9 +34,9 @@ from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.encoders.text_models import load_text_model
-from tests.builders import quiet_trainer, tiny_module
-from tests.captions import some_captions
-from tests.distributed import run_distributed
+from tests.helpers.builders import quiet_trainer, tiny_module
+from tests.helpers.captions import some_captions
+from tests.helpers.distributed import run_distributed
 
 # --------------------------------------------------------------------------- whole entries
 
@@ -82,6 +82,7 @@ KILLED_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_killed_write_leaves_no_entry(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
@@ -204,6 +205,7 @@ def killed_extraction(folder: Path, mode: str, expect: str) -> None:
     assert proc.wait() == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_a_killed_extraction_resumes_after_its_last_complete_chunk(tmp_path: Path) -> None:
     keys = [str(i) for i in range(10)]
     killed_extraction(tmp_path, "between", "killing")
@@ -220,6 +222,7 @@ def test_a_killed_extraction_resumes_after_its_last_complete_chunk(tmp_path: Pat
     assert torch.equal(resumed, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_chunk_killed_while_written_is_never_read(tmp_path: Path) -> None:
     killed_extraction(tmp_path, "in-write", "writing")
     cache = FeatureCache(tmp_path)
@@ -301,6 +304,7 @@ class CountingEncoder:
         return self.real(texts, **kwargs)
 
 
+@pytest.mark.slow
 def test_caption_features_do_not_depend_on_their_batch(tiny_text_model: str) -> None:
     """A caption's row is the same alone, among 80 others, or among other lengths (exactly)."""
     backbone = load_text_model(tiny_text_model, 64)
@@ -378,6 +382,7 @@ class Counted:
         monkeypatch.setattr(frozen_features, "encode_texts", texts)
 
 
+@pytest.mark.slow
 def test_frozen_towers_train_from_cached_features(
     tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -412,6 +417,7 @@ def test_frozen_towers_train_from_cached_features(
     assert counted.images == [record.image_path] and counted.captions == []
 
 
+@pytest.mark.slow
 def test_a_run_extracts_only_what_it_uses(
     tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -465,6 +471,7 @@ def _records(cache_dir: Path) -> list[Record]:
     return read_dataset(str(g.generate_dataset(config, cache_dir, progress=False)), "karpathy")
 
 
+@pytest.mark.ddp
 def test_under_ddp_the_first_process_extracts_and_the_others_read(
     tiny_text_model: str, tmp_path: Path
 ) -> None:

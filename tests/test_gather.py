@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from adaptalign.lightning_modules.controls import Controls
 from adaptalign.lightning_modules.gather import all_reduce_sum, gather_rows, gather_with_grad
 from adaptalign.lightning_modules.system import AlignmentModule
-from tests.builders import tiny_module
-from tests.distributed import run_distributed
+from tests.helpers.builders import tiny_module
+from tests.helpers.distributed import run_distributed
 
 GLOBAL_BATCH = 8
 
@@ -62,6 +63,7 @@ def _rank_work(rank: int, world: int, text_model: str, out_dir: str) -> None:
     )
 
 
+@pytest.mark.ddp
 def test_two_process_loss_and_gradients_equal_one_process(
     tiny_text_model: str, tmp_path: Path
 ) -> None:
@@ -91,6 +93,7 @@ def _sum_work(rank: int, world: int, out_dir: str) -> None:
     torch.save({"values": values, "summed": summed}, f"{out_dir}/sum{rank}.pt")
 
 
+@pytest.mark.ddp
 def test_all_reduce_sum_gives_every_rank_the_total_and_leaves_the_input(tmp_path: Path) -> None:
     values = torch.tensor([1.0, 2.0])
     assert all_reduce_sum(values) is values  # one process: nothing to add

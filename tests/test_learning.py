@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 
 class LossHistory(L.Callback):
@@ -20,6 +21,7 @@ class LossHistory(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+@pytest.mark.slow
 def test_short_run_learns_to_retrieve(tiny_text_model: str, tmp_path: Path) -> None:
     L.seed_everything(0)
     module = tiny_module(

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from adaptalign.callbacks.log_steps import still_writes, writes_logs
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 
 class Rows(Logger):
@@ -97,6 +98,7 @@ def fit(
     return rows, probe
 
 
+@pytest.mark.slow
 def test_callbacks_log_on_the_written_steps_only(tiny_text_model: str, tmp_path: Path) -> None:
     rows, probe = fit(
         tiny_text_model, tmp_path, max_epochs=2

@@ -19,7 +19,7 @@ from adaptalign.callbacks.loss_weighting import (
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import Controls, StepStatistics
 from adaptalign.lightning_modules.losses import step_statistics
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def stats(
@@ -257,6 +257,7 @@ def _rank_work(rank: int, world: int, out_dir: str) -> None:
     torch.save(traces, Path(out_dir) / f"rank{rank}.pt")
 
 
+@pytest.mark.ddp
 def test_ranks_with_different_rows_agree_on_the_single_process_weights(tmp_path: Path) -> None:
     run_distributed(_rank_work, 2, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -364,7 +365,7 @@ def test_weights_reach_the_loss_in_a_real_fit(
     # Imported here: the distributed test's spawned ranks import this file and need none of it.
     from adaptalign.datamodules.datamodule import AlignmentDataModule
     from adaptalign.datamodules.generated import GeneratedConfig
-    from tests.builders import quiet_trainer, tiny_module
+    from tests.helpers.builders import quiet_trainer, tiny_module
 
     data = AlignmentDataModule(
         generated=GeneratedConfig(num_train=48, num_val=8, num_test=8, image_size=32),

@@ -16,7 +16,7 @@ from adaptalign.callbacks.temperature_schedule import CosineTemperatureSchedule,
 from adaptalign.cli import main
 from adaptalign.lightning_cli.cli import build_cli
 from adaptalign.lightning_cli.methods import METHODS
-from tests.builders import COMBINED_METHODS
+from tests.helpers.builders import COMBINED_METHODS
 
 ROOT = Path(__file__).parents[1]
 METHOD_FILES = ROOT / "configs" / "methods"
@@ -66,6 +66,7 @@ def test_every_method_has_shipped_overlays() -> None:
         if method_overlays()[pair[0]] != method_overlays()[pair[1]]
     ],
 )
+@pytest.mark.slow
 def test_every_pair_of_method_overlays_layers(
     first: str, second: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,7 @@ from adaptalign.datamodules.feature_cache import FeatureCache
 from adaptalign.datamodules.frozen_features import caption_features
 from adaptalign.datamodules.generated import GeneratedConfig, generate_dataset
 from adaptalign.encoders.text_models import load_text_model
-from tests.captions import some_captions
+from tests.helpers.captions import some_captions
 
 
 class Terminal(io.StringIO):

@@ -172,6 +172,7 @@ def test_plots_are_titled_with_their_section(
     assert titles == [("plot_png", "Done here"), ("stress_plot", "Done here")]
 
 
+@pytest.mark.slow
 def test_only_rebuilds_the_named_sections_and_keeps_the_others(project: Path) -> None:
     assert run_report() == 0
     document = project / "docs/RESULTS.md"

@@ -26,9 +26,9 @@ from adaptalign.datamodules.resumable import ResumableDataLoader
 from adaptalign.lightning_cli.cli import build_cli, with_atomic_checkpoints
 from adaptalign.lightning_modules import rng
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
-from tests.builders import COMBINED_METHODS, final_validation, tiny_module
-from tests.distributed import run_distributed
-from tests.rng_ranks import gather_work
+from tests.helpers.builders import COMBINED_METHODS, final_validation, tiny_module
+from tests.helpers.distributed import run_distributed
+from tests.helpers.rng_ranks import gather_work
 
 ROOT = Path(__file__).parents[1]
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -117,6 +117,7 @@ def test_the_epoch_source_decides_which_epoch_an_iteration_is() -> None:
     assert len(list(loader)) == 1 and loader.state_dict() == {"epoch": 5, "batches": 6}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "state", [{"epoch": -1, "batches": 0}, {"epoch": 1}, {"epoch": 1, "batches": "2"}]
 )
@@ -125,6 +126,7 @@ def test_a_malformed_state_is_refused(state: dict) -> None:
         pair_loader(Keys()).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_the_data_module_carries_the_loader_position(tmp_path: Path) -> None:
     """What Lightning stores for the data module puts a new one's loader at the same batch."""
 
@@ -239,6 +241,7 @@ def test_generator_states_survive_a_weights_only_checkpoint(
     assert draws() != expected
 
 
+@pytest.mark.ddp
 def test_every_process_resumes_with_its_own_generator_states(tmp_path: Path) -> None:
     run_distributed(gather_work, 2, tmp_path, str(tmp_path / "rank"))
     for rank in range(2):
@@ -277,7 +280,7 @@ def fit_args(
 def command_line(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "adaptalign", *args],
-        cwd=ROOT,  # ``-m`` puts it first on sys.path, so ``tests.killer`` imports
+        cwd=ROOT,  # ``-m`` puts it first on sys.path, so ``tests.helpers.killer`` imports
         capture_output=True,
         text=True,
         timeout=600,
@@ -304,6 +307,7 @@ def assert_same(a: object, b: object, where: str) -> None:
     [(None, 1), (COMBINED_METHODS, 0)],
     ids=["random-sampler-1-worker", "combined-methods-curriculum"],
 )
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_exactly(
     overlay: list[str] | None, workers: int, tiny_text_model: str, tmp_path: Path
 ) -> None:
@@ -313,7 +317,7 @@ def test_a_run_killed_mid_epoch_resumes_exactly(
 
     # 3 batches an epoch: killed after step 4, one batch into the second epoch
     args = fit_args(tiny_text_model, killed, cache, overlay, workers)
-    killer = ["--trainer.callbacks+=tests.killer.KillAt", "--trainer.callbacks.step=4"]
+    killer = ["--trainer.callbacks+=tests.helpers.killer.KillAt", "--trainer.callbacks.step=4"]
     died = command_line([*args, *killer])
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     last = killed / "steps" / "last.ckpt"
@@ -342,6 +346,7 @@ def test_a_run_killed_mid_epoch_resumes_exactly(
     assert final_validation(killed / "lightning_logs" / "version_1") == expected
 
 
+@pytest.mark.slow
 def test_a_comparison_run_killed_after_an_epoch_goes_on_where_it_stopped(
     tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -352,7 +357,7 @@ def test_a_comparison_run_killed_after_an_epoch_goes_on_where_it_stopped(
 
     from adaptalign.experiments.compare_runs import Run, execute, fit_command
 
-    monkeypatch.chdir(ROOT)  # ``-m`` puts it first on sys.path, so ``tests.killer`` imports
+    monkeypatch.chdir(ROOT)  # ``-m`` puts it first on sys.path, so ``tests.helpers.killer`` imports
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     overrides = [
         f"--model.text_tower.model_name={tiny_text_model}",
@@ -364,7 +369,7 @@ def test_a_comparison_run_killed_after_an_epoch_goes_on_where_it_stopped(
 
     killed = Run("tiny", TINY, None, 0, tmp_path / "killed")
     # 3 batches an epoch: dies at the start of the second epoch, after its first validation
-    killer = ["--trainer.callbacks+=tests.killer.KillAt", "--trainer.callbacks.step=3"]
+    killer = ["--trainer.callbacks+=tests.helpers.killer.KillAt", "--trainer.callbacks.step=3"]
     died = execute(killed, [*overrides, *killer])
     assert died.returncode == -signal.SIGKILL and not killed.finished(), died.log_tail
     record = json.loads((killed.folder / "run.json").read_text())  # as if killed from outside

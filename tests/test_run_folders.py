@@ -67,6 +67,7 @@ def printed_table(text: str, prefix: str) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------ the end of fit
+@pytest.mark.slow
 def test_fit_ends_with_last_and_best_validation_checkpoints_and_folder(
     fitted: tuple[Path, str],
 ) -> None:
@@ -99,6 +100,7 @@ def test_fit_prints_no_flops_and_logs_no_hp_metric(fitted: tuple[Path, str]) -> 
 
 
 # ------------------------------------------------------------------ version folders
+@pytest.mark.slow
 def test_two_runs_started_together_claim_different_version_folders(
     tiny_text_model: str, tmp_path: Path
 ) -> None:
@@ -141,6 +143,7 @@ def test_a_version_chosen_in_the_config_is_kept(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ resuming
+@pytest.mark.slow
 def test_a_resumed_fit_logs_on_in_its_own_folder_and_names_the_settings_it_ignores(
     fitted: tuple[Path, str], tiny_text_model: str, tmp_path: Path, capsys
 ) -> None:
@@ -162,6 +165,7 @@ def test_a_resumed_fit_logs_on_in_its_own_folder_and_names_the_settings_it_ignor
 
 
 # ------------------------------------------------------------------ evaluating a run
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["validate", "test"])
 def test_an_evaluation_writes_into_the_run_and_prints_rounded_metrics(
     command: str, fitted: tuple[Path, str], tiny_text_model: str, tmp_path: Path, capsys, caplog
@@ -188,6 +192,7 @@ def test_an_evaluation_writes_into_the_run_and_prints_rounded_metrics(
     assert not [r for r in caplog.records if "Tip" in r.getMessage()]  # no advertisements
 
 
+@pytest.mark.slow
 def test_predict_writes_into_the_run_at_the_checkpoints_own_settings(
     fitted: tuple[Path, str], tiny_text_model: str, tmp_path: Path, capsys
 ) -> None:

@@ -16,7 +16,7 @@ from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.noise import NoiseConfig, caption_vocabulary, noisy_records
 from adaptalign.experiments.stress import noise_for
 from adaptalign.lightning_cli.cli import build_cli
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
@@ -115,6 +115,7 @@ def test_noise_for_each_modality() -> None:
     assert noise_for(0.3, "both", 0) == NoiseConfig(caption_rate=0.3, image_rate=0.3)
 
 
+@pytest.mark.slow
 def test_stress_command(
     tiny_text_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

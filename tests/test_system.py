@@ -20,7 +20,7 @@ from adaptalign.lightning_modules.controls import (
 from adaptalign.lightning_modules.losses import info_nce, max_margin
 from adaptalign.lightning_modules.optimisation import warmup_cosine
 from adaptalign.lightning_modules.system import AlignmentModule
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.clusters import ClusterConfig, tercile_bounds
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 
 def schedule(**kwargs: object) -> TemperatureSchedule:
@@ -111,6 +111,7 @@ class Recorder(L.Callback):
         self.rows.append((step, batch["cluster_size"], outputs["statistics"].temperature))
 
 
+@pytest.mark.slow
 def test_per_sample_temperatures_reach_the_loss(tiny_text_model: str, tmp_path: Path) -> None:
     """Fit with clustered data: every step's temperatures are the schedule's for its batch."""
     data = AlignmentDataModule(
@@ -137,6 +138,7 @@ def test_per_sample_temperatures_reach_the_loss(tiny_text_model: str, tmp_path: 
     assert len({round(float(u.std()), 6) for _, _, u in recorder.rows}) > 1  # really per sample
 
 
+@pytest.mark.slow
 def test_schedule_resumes_exactly_from_a_checkpoint(tiny_text_model: str, tmp_path: Path) -> None:
     def run(max_epochs: int, ckpt: str | None = None) -> tuple[Recorder, TemperatureSchedule]:
         data = AlignmentDataModule(
@@ -168,6 +170,7 @@ def test_schedule_resumes_exactly_from_a_checkpoint(tiny_text_model: str, tmp_pa
         assert torch.allclose(used, used_r, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_validation_reports_head_middle_tail_recall(tiny_text_model: str, tmp_path: Path) -> None:
     """Validation captions get their nearest training cluster and recall is split by tercile."""
     data = AlignmentDataModule(

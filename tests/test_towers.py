@@ -26,6 +26,7 @@ from adaptalign.lightning_modules.towers import (
 )
 
 
+@pytest.mark.slow
 def test_image_tower_loads_local_checkpoint_and_drops_classifier(tmp_path: Path) -> None:
     torch.manual_seed(3)
     source = timm.create_model("test_resnet", num_classes=10)
@@ -129,6 +130,7 @@ def test_preprocessing_follows_timm_data_config() -> None:
     assert float(x[0].mean()) == pytest.approx(expected_red, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_text_tower_from_a_plain_transformers_folder(tiny_text_model: str) -> None:
     tower = TextTower(TextTowerConfig(tiny_text_model), embed_dim=8)
     assert tower.feature_dim == 32
@@ -149,6 +151,7 @@ def test_frozen_text_tower_remembers_features(tiny_text_model: str) -> None:
     assert torch.allclose(fresh[0], first[1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_length_sorted_chunks_encode_as_one_forward_does(tiny_text_model: str) -> None:
     """Chunking changes only the padding: same rows, same order, same gradients."""
     captions = ["a red circle near two blue squares at the top", "a star", "", "two dogs", "x"]
@@ -191,6 +194,7 @@ def test_unreachable_text_model_is_one_clear_error() -> None:
         TextTower(TextTowerConfig("./missing/text-model"), embed_dim=8)
 
 
+@pytest.mark.slow
 def test_weights_the_embedding_never_reaches_are_kept_fixed(tiny_text_model: str) -> None:
     """BERT's pooler is unused by mean pooling; left trainable it would make DDP fail."""
     tower = TextTower(TextTowerConfig(tiny_text_model), embed_dim=8)
@@ -202,13 +206,14 @@ def test_weights_the_embedding_never_reaches_are_kept_fixed(tiny_text_model: str
     assert all(p.grad is not None for p in trainable)
 
 
+@pytest.mark.slow
 def test_towers_that_train_run_in_train_mode_during_fit(tiny_text_model: str) -> None:
     """Dropout is on in every layer of a fine-tuned tower during training, off in a frozen one."""
     import lightning as L
 
     from adaptalign.datamodules.datamodule import AlignmentDataModule
     from adaptalign.datamodules.generated import GeneratedConfig
-    from tests.builders import quiet_trainer, tiny_module
+    from tests.helpers.builders import quiet_trainer, tiny_module
 
     modes: list[tuple[bool, bool]] = []
 

@@ -30,7 +30,7 @@ from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.experiments.tsne import tsne_from_predictions
-from tests.builders import quiet_trainer, tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
 
 FAST = {"perplexity": 5.0, "max_iter": 250}
 
@@ -323,6 +323,7 @@ def generated_data(tmp_path: Path) -> AlignmentDataModule:
     )
 
 
+@pytest.mark.slow
 def test_fit_writes_the_view_and_tensorboard_gets_it(tiny_text_model: str, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,7 +1,8 @@
 """A callback that kills its own process the hard way, as a pre-empted or out-of-memory job dies.
 
-Used on the command line by the resume tests (``--trainer.callbacks+=tests.killer.KillAt``); the
-repository root is on ``sys.path`` there because they run ``python -m adaptalign`` from it.
+Used on the command line by the resume tests
+(``--trainer.callbacks+=tests.helpers.killer.KillAt``); the repository root is on ``sys.path``
+there because they run ``python -m adaptalign`` from it.
 """
 
 from __future__ import annotations

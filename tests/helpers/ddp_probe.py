@@ -1,7 +1,7 @@
 """A callback that records, on every rank and step, what the DDP test of the combined config checks.
 
-Used on the command line (``--trainer.callbacks+=tests.ddp_probe.StepProbe``) from the repository
-root. Each rank appends one JSON line per step to ``<out>/rank<r>.jsonl``:
+Used on the command line (``--trainer.callbacks+=tests.helpers.ddp_probe.StepProbe``) from the
+repository root. Each rank appends one JSON line per step to ``<out>/rank<r>.jsonl``:
 
 - the controls in force (everything but the per-sample temperatures is a number all ranks must
   share), and how far the per-sample temperatures are from the MM-TS schedule's own values;

@@ -13,7 +13,7 @@ from adaptalign.lightning_modules.system import AlignmentModule
 
 # The four method overlays layered: the combined configuration (MM-TS, loss weights, TOnICS, ARL).
 COMBINED_METHODS = [
-    str(Path(__file__).parents[1] / "configs" / "methods" / f"{name}.yaml")
+    str(Path(__file__).parents[2] / "configs" / "methods" / f"{name}.yaml")
     for name in ("mmts_infonce", "loss_weight_variance", "tonics", "arl", "arl_short")
 ]
 

@@ -1,0 +1,1 @@
+"""What the tests share: tiny systems, generated captions, process launchers, probes."""
