@@ -194,9 +194,11 @@ def test_the_command_line_writes_atomically_whatever_plugins_are_given(
     default = build_cli(args, run=False).trainer
     assert isinstance(default.strategy.checkpoint_io, AtomicCheckpointIO)
     environment = "lightning.pytorch.plugins.environments.LightningEnvironment"
-    own = build_cli([*args, f"--trainer.plugins={environment}"], run=False).trainer
+    own = build_cli(
+        [*args, f"--trainer.plugins={environment}", "--trainer.strategy=ddp"], run=False
+    ).trainer
     assert isinstance(own.strategy.checkpoint_io, AtomicCheckpointIO)
-    assert isinstance(own._accelerator_connector.cluster_environment, LightningEnvironment)
+    assert isinstance(own.strategy.cluster_environment, LightningEnvironment)  # theirs, kept
     # a CheckpointIO of the user's own is kept as it is
     theirs = TorchCheckpointIO()
     assert with_atomic_checkpoints([theirs]) == [theirs]
@@ -217,7 +219,7 @@ def test_generator_states_survive_a_weights_only_checkpoint(
 ) -> None:
     """The states a checkpoint keeps are set again when the resumed run starts training."""
     saving = tiny_module(tiny_text_model)
-    saving._trainer = SimpleNamespace(world_size=1)
+    saving.trainer = SimpleNamespace(world_size=1)
     checkpoint: dict = {}
     saving.on_save_checkpoint(checkpoint)
     expected = draws()
@@ -226,14 +228,14 @@ def test_generator_states_survive_a_weights_only_checkpoint(
 
     resuming = tiny_module(tiny_text_model)  # draws while the run is set up
     fitting = SimpleNamespace(fn=TrainerFn.FITTING)
-    resuming._trainer = SimpleNamespace(world_size=1, global_rank=0, state=fitting)
+    resuming.trainer = SimpleNamespace(world_size=1, global_rank=0, state=fitting)
     resuming.on_load_checkpoint(loaded)
     draws()
     resuming.on_train_start()
     assert draws() == expected
 
     validating = tiny_module(tiny_text_model)  # only a fit takes the states
-    validating._trainer = SimpleNamespace(
+    validating.trainer = SimpleNamespace(
         world_size=1, global_rank=0, state=SimpleNamespace(fn=TrainerFn.VALIDATING)
     )
     validating.on_load_checkpoint(loaded)
