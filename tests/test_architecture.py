@@ -100,3 +100,19 @@ def test_unknown_subcommand_is_one_line_with_a_suggestion(capsys: pytest.Capture
         "adaptalign: error: unknown subcommand 'compar' (did you mean 'compare'?); expected one "
         "of fit, validate, test, predict, compare, stress, tsne, report"
     ]
+
+
+@pytest.mark.slow
+def test_the_console_command_hands_lightning_its_own_command_line() -> None:
+    """Lightning reads ``sys.argv`` itself when run from the console; given the same arguments
+    again it warns that both were given."""
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptalign", "fit", "--config", "tests/configs/tiny.yaml"]
+        + ["--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert "test_resnet" in result.stdout
+    assert "args parameter" not in result.stderr, result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
 
 from lightning.pytorch import Trainer
@@ -157,4 +158,5 @@ def main(args: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(without_tips)
-    build_cli(args)
+    # From the console Lightning reads the command line itself (given it again, it warns).
+    build_cli(None if args == sys.argv[1:] else args)
