@@ -106,9 +106,9 @@ def test_unknown_subcommand_is_one_line_with_a_suggestion(capsys: pytest.Capture
 def test_the_console_command_hands_lightning_its_own_command_line() -> None:
     """Lightning reads ``sys.argv`` itself when run from the console; given the same arguments
     again it warns that both were given."""
+    command = ["fit", "--config", "tests/configs/tiny.yaml", "--print_config"]
     result = subprocess.run(
-        [sys.executable, "-m", "adaptalign", "fit", "--config", "tests/configs/tiny.yaml"]
-        + ["--print_config"],
+        [sys.executable, "-m", "adaptalign", *command],
         capture_output=True,
         text=True,
         check=True,
