@@ -66,16 +66,12 @@ from adaptalign.callbacks.arl_terms import (
     update_prototypes,
 )
 from adaptalign.callbacks.log_steps import still_writes, writes_logs
+from adaptalign.common.checks import is_int, is_number
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import ControlledSystem
 from adaptalign.lightning_modules.gather import all_reduce_sum, gather_rows
 
 BIAS = "arl_bias"  # the bias term's name among the step's extra losses and auxiliaries
-
-
-def _is_number(value: object) -> bool:
-    """An int or float, not a bool (NaN passes here and fails the range checks)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------- callback
@@ -121,21 +117,19 @@ class ARL(L.Callback):
             raise ConfigurationError(f"momentum={momentum!r}; expected a value in [0, 1)")
         if aux_temperature <= 0:
             raise ConfigurationError(f"aux_temperature={aux_temperature!r}; expected > 0")
-        if num_clusters is not None and (
-            isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1
-        ):
+        if num_clusters is not None and (not is_int(num_clusters) or num_clusters < 1):
             raise ConfigurationError(
                 f"num_clusters={num_clusters!r}; expected an integer >= 1 or null (from the data)"
             )
         if entropy_share_floor is not None and (
-            not _is_number(entropy_share_floor) or not 0 <= entropy_share_floor < 0.5
+            not is_number(entropy_share_floor) or not 0 <= entropy_share_floor < 0.5
         ):
             raise ConfigurationError(
                 f"entropy_share_floor={entropy_share_floor!r}; expected a value in [0, 0.5) "
                 "or null (no floor)"
             )
         if warmup_bias_weight is not None and (
-            not _is_number(warmup_bias_weight) or not 0 <= warmup_bias_weight < math.inf
+            not is_number(warmup_bias_weight) or not 0 <= warmup_bias_weight < math.inf
         ):
             raise ConfigurationError(
                 f"warmup_bias_weight={warmup_bias_weight!r}; expected a finite value >= 0 "

@@ -23,7 +23,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from adaptalign.common.checks import is_int as _is_int
+from adaptalign.common.checks import is_int, is_number
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler, batch_purity
 from adaptalign.lightning_modules.controls import ControlledSystem
@@ -34,7 +34,7 @@ SETTINGS = ("schedule", "switch_epoch", "start_share", "end_share", "ramp_epochs
 
 
 def _check_share(name: str, value: object) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = is_number(value)
     if not ok or not math.isfinite(value) or not 0 <= value <= 1:  # type: ignore[arg-type]
         raise ConfigurationError(
             f"ObjectCurriculum {name}={value!r}; expected a number from 0 to 1"
@@ -97,11 +97,11 @@ class ObjectCurriculum(L.Callback):
             raise ConfigurationError(
                 f"ObjectCurriculum schedule={schedule!r}; expected one of {', '.join(SCHEDULES)}"
             )
-        if not _is_int(switch_epoch) or switch_epoch < 0:
+        if not is_int(switch_epoch) or switch_epoch < 0:
             raise ConfigurationError(
                 f"ObjectCurriculum switch_epoch={switch_epoch!r}; expected an integer >= 0"
             )
-        if ramp_epochs is not None and (not _is_int(ramp_epochs) or ramp_epochs < 1):
+        if ramp_epochs is not None and (not is_int(ramp_epochs) or ramp_epochs < 1):
             raise ConfigurationError(
                 f"ObjectCurriculum ramp_epochs={ramp_epochs!r}; expected an integer >= 1 or null "
                 "(the trainer's max_epochs)"

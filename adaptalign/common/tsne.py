@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import Tensor
 
+from adaptalign.common.checks import is_int, is_number
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.figures import new_figure, save_png
 
@@ -53,11 +54,11 @@ class TSNECoordinates:
 
 
 def check_settings(max_points: int, perplexity: float, max_iter: int) -> None:
-    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+    if not is_int(max_points) or max_points < 1:
         raise ConfigurationError(f"max_points={max_points!r}; expected an integer >= 1")
-    if isinstance(perplexity, bool) or not isinstance(perplexity, int | float) or perplexity <= 0:
+    if not is_number(perplexity) or perplexity <= 0:
         raise ConfigurationError(f"perplexity={perplexity!r}; expected a number > 0")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < MIN_ITERATIONS:
+    if not is_int(max_iter) or max_iter < MIN_ITERATIONS:
         raise ConfigurationError(f"max_iter={max_iter!r}; expected an integer >= {MIN_ITERATIONS}")
 
 

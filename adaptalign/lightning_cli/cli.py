@@ -32,6 +32,7 @@ from adaptalign.lightning_cli.checks import CheckedCLI, command_settings
 from adaptalign.lightning_cli.methods import add_method_arguments, method_callbacks
 from adaptalign.lightning_cli.run_folder import EVALUATIONS, command_logger
 from adaptalign.lightning_modules.checkpoint_io import AtomicCheckpointIO
+from adaptalign.lightning_modules.metric_names import RSUM
 from adaptalign.lightning_modules.system import AlignmentModule
 
 ATOMIC_CHECKPOINT_IO = "adaptalign.lightning_modules.checkpoint_io.AtomicCheckpointIO"
@@ -46,7 +47,7 @@ def trainer_defaults() -> dict:
         "default_root_dir": "runs",
         "callbacks": [
             LearningRateMonitor(logging_interval="step"),
-            ModelCheckpoint(monitor="val/rsum", mode="max", filename="best-{epoch}-{step}"),
+            ModelCheckpoint(monitor=f"val/{RSUM}", mode="max", filename="best-{epoch}-{step}"),
             # Its own callback: Lightning >= 2.6 writes ``save_last`` only when a best checkpoint is
             # saved at the same step, which would leave last.ckpt at the best epoch, not the last.
             ModelCheckpoint(filename="last", enable_version_counter=False),

@@ -33,6 +33,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from adaptalign.common.checks import is_int
 from adaptalign.lightning_modules.metric_names import (
     DIRECTIONS,
     GROUPS,
@@ -107,7 +108,7 @@ def retrieval_ranks(
     unique; every image needs at least one caption. Scores are computed ``chunk_size`` images (or
     the same number of scores' worth of captions) at a time, once per direction.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     _check_embeddings(image_embeddings, image_ids, "image_embeddings", "image_ids")
     _check_embeddings(text_embeddings, text_image_ids, "text_embeddings", "text_image_ids")
@@ -241,9 +242,9 @@ class RetrievalMetric(Metric):
         if not ks:
             raise ValueError("ks is empty; expected at least one positive int")
         for k in ks:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            if not is_int(k) or k < 1:
                 raise ValueError(f"ks must hold positive ints, got {k!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        if not is_int(chunk_size) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.ks = ks
         self.chunk_size = chunk_size
