@@ -116,3 +116,16 @@ def test_the_console_command_hands_lightning_its_own_command_line() -> None:
     )
     assert "test_resnet" in result.stdout
     assert "args parameter" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("name", ["compare", "stress", "tsne", "report"])
+def test_a_bad_option_of_any_subcommand_is_one_line(
+    name: str, capsys: pytest.CaptureFixture
+) -> None:
+    from adaptalign.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--no-such-option"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"adaptalign: error: {name}: "), err

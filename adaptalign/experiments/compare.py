@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adaptalign.common.arguments import CommandParser
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.experiments.compare_results import markdown_table, write_results
 from adaptalign.experiments.compare_runs import (
@@ -41,7 +42,7 @@ from adaptalign.experiments.compare_settings import (
 from adaptalign.experiments.compare_stress import run_stress, write_stress_report
 
 
-class CompareParser(argparse.ArgumentParser):
+class CompareParser(CommandParser):
     """Remembers its option strings: a list of ``--override`` arguments ends at the next one."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from adaptalign.common.arguments import CommandParser
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.experiments import compare
@@ -257,7 +258,7 @@ def replace_between_markers(text: str, body: str, source: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="adaptalign report",
         description="Rebuild the results document and the README's summary from the runs.",
     )

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adaptalign.common.arguments import CommandParser
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.figures import new_figure, png_bytes
@@ -49,7 +50,7 @@ def noise_for(rate: float, modality: str, seed: int) -> NoiseConfig | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="adaptalign stress",
         description="Evaluate a checkpoint at several noise rates (other arguments: the CLI's).",
     )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from adaptalign.common.arguments import CommandParser
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.tsne import PREDICTION_KEYS, tsne_figure
 
@@ -113,7 +113,7 @@ def tsne_from_predictions(
 
 def main(argv: list[str] | None = None) -> int:
     """``adaptalign tsne EMBEDDINGS.pt [--output view.png]``; bad input: ConfigurationError."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="adaptalign tsne",
         description="Draw a joint t-SNE of the image and caption embeddings `adaptalign predict` "
         "wrote.",
