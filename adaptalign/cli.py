@@ -15,9 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from adaptalign import __version__
-from adaptalign.common.errors import ConfigurationError, DatasetFormatError, NonFiniteLossError
-
-PROG = "adaptalign"
+from adaptalign.common.exit_status import PROG, error_line, reported_status
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def usage() -> str:
 
 
 def fail(message: str, code: int = 2) -> SystemExit:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     return SystemExit(code)
 
 
@@ -94,10 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise fail(f"unknown subcommand {args[0]!r}{hint}; expected one of {known}")
     try:
         code = command.entry()(args if command.whole_argv else args[1:])
-    except (ConfigurationError, DatasetFormatError) as exc:
-        raise fail(str(exc)) from exc
-    except NonFiniteLossError as exc:
-        raise fail(str(exc), code=1) from exc
+    except Exception as exc:
+        status = reported_status(exc)
+        if status is None:
+            raise
+        raise SystemExit(status) from exc
     return code or 0
 
 

@@ -13,6 +13,7 @@ optimistic); the CSV also holds the last validation's rsum for comparison.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from adaptalign.experiments.compare_settings import (
     split_overrides,
 )
 from adaptalign.experiments.compare_stress import run_stress, write_stress_report
+from adaptalign.experiments.ray_pool import add_placement_arguments, placement_from, ray_session
 
 
 class CompareParser(CommandParser):
@@ -94,12 +96,6 @@ def build_parser() -> CompareParser:
         "command; arguments after a bare -- are added as well",
     )
     parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="runs at a time (default 1); more pays off when runs are short or leave cores idle",
-    )
-    parser.add_argument(
         "--stress-rates",
         nargs="+",
         type=float,
@@ -112,6 +108,7 @@ def build_parser() -> CompareParser:
         help="what the stress test perturbs (default: both)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    add_placement_arguments(parser)
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -160,8 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     missing = [p for c in settings.configs for p in config_parts(c) if not Path(p).is_file()]
     if missing:
         parser.error(f"config file(s) not found: {', '.join(missing)}")
-    if options.jobs < 1:
-        parser.error(f"--jobs {options.jobs}: expected >= 1")
+    placement = placement_from(options)
     runs = plan(settings)
     if options.dry_run:
         print_plan(runs, settings.overrides)
@@ -171,11 +167,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     atomic_save(settings.output / "comparison.yaml", settings_document(settings))
     to_go = sum(not run.finished() for run in runs)
     print(f"{len(runs)} runs, {to_go} to go; output {settings.output}", flush=True)
-    failures = run_all(runs, settings.overrides, options.jobs)
-    write_report(settings.output, runs, settings.names)
-    if settings.stress_rates:
-        run_stress(runs, settings.stress_rates, settings.stress_modality)
-        write_stress_report(settings.output, runs, settings.stress_modality)
+    # One Ray for the fits and the stress evaluations, started only when there is work.
+    work = to_go > 0 or bool(settings.stress_rates)
+    with ray_session(placement.address) if work else contextlib.nullcontext():
+        failures = run_all(runs, settings.overrides, placement)
+        write_report(settings.output, runs, settings.names)
+        if settings.stress_rates:
+            run_stress(runs, settings.stress_rates, settings.stress_modality, placement)
+            write_stress_report(settings.output, runs, settings.stress_modality)
     if failures:
         print(f"\n{len(failures)} of {len(runs)} runs failed:", file=sys.stderr)
         for outcome in failures:

@@ -19,10 +19,8 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +29,21 @@ import numpy as np
 import torch
 
 from adaptalign.common.atomic_files import atomic_save
+from adaptalign.common.exit_status import BAD_INPUT
 from adaptalign.experiments.compare_results import summary_row
+from adaptalign.experiments.in_process import fit_here, needs_own_process
+from adaptalign.experiments.ray_pool import (
+    Placement,
+    WorkerPool,
+    alive_nodes,
+    ray_session,
+    share_of,
+)
 
 TrainImages = int | float | None
 LOG_TAIL_LINES = 15
+FIT_ARGUMENTS = 4  # where the arguments of ``python -m adaptalign fit ...`` start
+ATTEMPTS = 2  # a failed run is tried once more
 
 
 def size_label(train_images: TrainImages) -> str:
@@ -103,16 +112,24 @@ class Outcome:
     returncode: int
     seconds: float
     log_tail: list[str]
+    lost: str = ""  # why the worker went away with the run, when it did
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and self.run.finished()
+        return self.returncode == 0 and not self.lost and self.run.finished()
 
     @property
     def reason(self) -> str:
+        if self.lost:
+            return f"its worker died: {self.lost}"
         if self.returncode != 0:
             return f"exit {self.returncode}"
         return "ended without writing summary.json"
+
+    @property
+    def worth_retrying(self) -> bool:
+        """A crash or a lost machine may not happen again; a refused setting (status 2) will."""
+        return not self.ok and self.returncode != BAD_INPUT
 
 
 def file_digests(arguments: Sequence[str]) -> dict[str, str]:
@@ -148,21 +165,15 @@ def resume_point(run: Run, overrides: Sequence[str]) -> Path | None:
     return checkpoints[0] if len(checkpoints) == 1 else None
 
 
-def execute(
-    run: Run,
-    overrides: Sequence[str],
-    announce: Callable[[Path | None], None] | None = None,
-) -> Outcome:
-    """Runs one fit in its own process, its output going to ``log.txt``.
+def execute(run: Run, overrides: Sequence[str], in_process: bool = False) -> Outcome:
+    """Runs one fit, its output going to ``log.txt``: in a process of its own, or in this one
+    (``in_process``, a warm worker; see :mod:`adaptalign.experiments.in_process`).
 
     It continues an interrupted attempt from its ``last.ckpt`` (see :func:`resume_point`), logging
-    to the same version folder; otherwise it starts from scratch in an emptied folder. ``announce``
-    hears which, just before the process starts.
+    to the same version folder; otherwise it starts from scratch in an emptied folder.
     """
     command = fit_command(run, overrides)
     checkpoint = resume_point(run, overrides)
-    if announce is not None:
-        announce(checkpoint)
     if checkpoint is None:
         if run.folder.exists():  # an attempt that cannot be continued: never mix its files in
             shutil.rmtree(run.folder)
@@ -183,14 +194,23 @@ def execute(
     mode, gap = ("w", "") if checkpoint is None else ("a", "\n")  # a resumed run's log goes on
     with run.log_path.open(mode) as log:
         log.write(f"{gap}$ {shlex.join(command)}\n\n")
-        log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        returncode = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False
-        ).returncode
+    if in_process:
+        returncode = fit_here(command[FIT_ARGUMENTS:], run.log_path, append=True)
+    else:
+        with run.log_path.open("a") as log:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            returncode = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+            ).returncode
     seconds = time.monotonic() - started
-    tail = run.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-    return Outcome(run, returncode, seconds, tail)
+    return Outcome(run, returncode, seconds, log_tail(run))
+
+
+def log_tail(run: Run) -> list[str]:
+    try:
+        return run.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    except OSError:
+        return []
 
 
 def recorded_run(run: Run) -> dict[str, Any]:
@@ -238,53 +258,40 @@ def remaining_seconds(durations: Sequence[float], remaining: int, jobs: int) -> 
 
 
 class Progress:
-    """Progress lines and an ETA (:func:`remaining_seconds`), safe to call from worker threads."""
+    """Each run's start and end, the counts and an ETA (:func:`remaining_seconds`)."""
 
-    def __init__(self, total: int, to_run: int, jobs: int) -> None:
-        self.total, self.to_run, self.jobs = total, to_run, jobs
+    def __init__(self, total: int, to_run: int, slots: int) -> None:
+        self.total, self.to_run, self.slots = total, to_run, slots
         self.durations: list[float] = []
-        self.lock = threading.Lock()
+        self.running = 0
 
     def say(self, index: int, run: Run, text: str) -> None:
-        with self.lock:
-            print(f"[{index + 1}/{self.total}] {run.label} {text}", flush=True)
+        print(f"[{index + 1}/{self.total}] {run.label} {text}", flush=True)
+
+    def counts(self) -> str:
+        ended = len(self.durations)
+        pending = self.to_run - ended - self.running
+        return f"{ended} ended, {self.running} running, {pending} waiting"
 
     def eta(self, seconds: float) -> str:
-        with self.lock:
-            self.durations.append(seconds)
-            remaining = self.to_run - len(self.durations)
-            if remaining <= 0:
-                return ""
-            left = remaining_seconds(self.durations, remaining, self.jobs)
-            if left is None:
-                return "; no ETA yet: the first runs also prepare data and features, once"
-            return f"; ETA {format_duration(left)}"
+        self.durations.append(seconds)
+        remaining = self.to_run - len(self.durations)
+        if remaining <= 0:
+            return ""
+        left = remaining_seconds(self.durations, remaining, self.slots)
+        if left is None:
+            return "; no ETA yet: the first runs also prepare data and features, once"
+        return f"; ETA {format_duration(left)}"
 
 
-def run_one(index: int, run: Run, overrides: Sequence[str], progress: Progress) -> Outcome:
-    def announce(checkpoint: Path | None) -> None:
-        if checkpoint is None:
-            progress.say(index, run, "started")
-        else:
-            where = checkpoint_position(checkpoint)
-            progress.say(index, run, f"resumed from {checkpoint}{where}")
+def run_all(runs: list[Run], overrides: Sequence[str], placement: Placement) -> list[Outcome]:
+    """Runs every unfinished run on Ray workers (:mod:`adaptalign.experiments.ray_pool`).
 
-    outcome = execute(run, overrides, announce)
-    took, eta = format_duration(outcome.seconds), progress.eta(outcome.seconds)
-    if outcome.ok:
-        progress.say(index, run, f"done in {took} ({headline(run)}){eta}")
-    else:
-        progress.say(index, run, f"FAILED ({outcome.reason}) in {took}; see {run.log_path}{eta}")
-    return outcome
-
-
-def run_all(runs: list[Run], overrides: Sequence[str], jobs: int = 1) -> list[Outcome]:
-    """Runs every unfinished run, ``jobs`` at a time; a failure never stops the others.
-
-    Returns the failed runs' outcomes.
+    A run that fails is tried once more (it goes on from its ``last.ckpt`` when it has one: a
+    pre-empted machine), except when its settings were refused; a failure never stops the
+    others. Returns the failed runs' outcomes.
     """
     todo = [(index, run) for index, run in enumerate(runs) if not run.finished()]
-    progress = Progress(len(runs), len(todo), jobs)
     for index, run in enumerate(runs):
         if run.finished():
             note = ""
@@ -293,11 +300,67 @@ def run_all(runs: list[Run], overrides: Sequence[str], jobs: int = 1) -> list[Ou
                     "; note: it ran with other arguments or config files, "
                     "delete its summary.json to re-run"
                 )
-            progress.say(index, run, f"skipped (finished){note}")
-    # Threads only wait on their fit processes, so they parallelise even under the GIL.
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        outcomes = list(pool.map(lambda item: run_one(*item, overrides, progress), todo))
-    return [outcome for outcome in outcomes if not outcome.ok]
+            print(f"[{index + 1}/{len(runs)}] {run.label} skipped (finished){note}", flush=True)
+    if not todo:
+        return []
+    with ray_session(placement.address) as ray:
+        share = share_of(placement, alive_nodes(ray), local=placement.address is None)
+        print(f"Ray places the runs: {share.describe()}", flush=True)
+        pool = WorkerPool(ray, share, Path.cwd())
+        progress = Progress(len(runs), len(todo), share.slots)
+        return list(drive(pool, todo, overrides, placement.warm, progress))
+
+
+def attempt(run: Run, overrides: Sequence[str], in_process: bool) -> Outcome:
+    """One attempt at a run on a worker: :func:`execute`, kept to what travels back."""
+    return execute(run, overrides, in_process)
+
+
+def drive(
+    pool: WorkerPool,
+    todo: list[tuple[int, Run]],
+    overrides: Sequence[str],
+    warm: bool,
+    progress: Progress,
+) -> Iterator[Outcome]:
+    """Feeds the pool, prints each start and end with the counts, retries once; yields failures."""
+    tries: dict[int, int] = {}
+    started: dict[int, float] = {}
+
+    def arguments(item: tuple[int, Run]) -> tuple:
+        run = item[1]
+        here = warm and not needs_own_process(fit_command(run, overrides), pool.share.gpus)
+        return (run, overrides, here)
+
+    for event in pool.run(todo, attempt, arguments):
+        index, run = event.item
+        if event.kind == "started":
+            tries[index] = tries.get(index, 0) + 1
+            started[index] = time.monotonic()
+            progress.running += 1
+            checkpoint = resume_point(run, overrides)
+            how = "started" if checkpoint is None else f"resumed from {checkpoint}"
+            where = checkpoint_position(checkpoint) if checkpoint is not None else ""
+            progress.say(index, run, f"{how}{where} on {event.where}")
+            continue
+        progress.running -= 1
+        outcome = event.value
+        if outcome is None:
+            lost = str(event.error).splitlines()[0] if event.error else "unknown"
+            seconds = time.monotonic() - started[index]
+            outcome = Outcome(run, -1, seconds, log_tail(run), lost=lost)
+        took = format_duration(outcome.seconds)
+        if outcome.worth_retrying and tries[index] < ATTEMPTS:
+            progress.say(index, run, f"FAILED ({outcome.reason}) in {took}; trying once more")
+            pool.again(event.item)
+            continue
+        eta = progress.eta(outcome.seconds)
+        if outcome.ok:
+            text = f"done in {took} ({headline(run)})"
+        else:
+            text = f"FAILED ({outcome.reason}) in {took}; see {run.log_path}"
+            yield outcome
+        progress.say(index, run, f"{text}; {progress.counts()}{eta}")
 
 
 def headline(run: Run) -> str:

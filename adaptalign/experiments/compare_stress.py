@@ -28,6 +28,13 @@ from adaptalign.experiments.compare_results import (
     metric_label,
 )
 from adaptalign.experiments.compare_runs import Run, size_label
+from adaptalign.experiments.ray_pool import (
+    Placement,
+    WorkerPool,
+    alive_nodes,
+    ray_session,
+    share_of,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -65,24 +72,46 @@ def stress_command(run: Run, rates: Sequence[float], modality: str) -> list[str]
     ]
 
 
-def run_stress(runs: Sequence[Run], rates: Sequence[float], modality: str) -> list[Run]:
-    """Stress-tests finished runs without a result; returns the runs that failed."""
+def stress_process(command: list[str], log: Path) -> int:
+    """One ``adaptalign stress`` in a process of its own, on a worker; its exit status."""
+    with log.open("w") as out:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def run_stress(
+    runs: Sequence[Run], rates: Sequence[float], modality: str, placement: Placement
+) -> list[Run]:
+    """Stress-tests finished runs without a result, placed like the fits; returns the failures."""
     failed = []
-    todo = [r for r in runs if r.finished() and not _result(r, modality).is_file()]
-    for index, run in enumerate(todo):
+    todo = []
+    for run in (r for r in runs if r.finished() and not _result(r, modality).is_file()):
         command = stress_command(run, rates, modality)
         if command is None:
-            print(f"[stress {index + 1}/{len(todo)}] {run.label}: no config or best checkpoint")
+            print(f"[stress] {run.label}: no config or best checkpoint")
             failed.append(run)
-            continue
-        print(f"[stress {index + 1}/{len(todo)}] {run.label} ({modality} noise)", flush=True)
-        log = run.folder / f"stress_{modality}.log"
-        with log.open("w") as out:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-        if code != 0 or not _result(run, modality).is_file():
-            print(f"    failed (exit {code}); log {log}", file=sys.stderr)
-            failed.append(run)
+        else:
+            todo.append((run, command))
+    if not todo:
+        return failed
+    with ray_session(placement.address) as ray:
+        share = share_of(placement, alive_nodes(ray), local=placement.address is None)
+        pool = WorkerPool(ray, share, Path.cwd())
+        logs = {id(item): item[0].folder / f"stress_{modality}.log" for item in todo}
+        count = 0
+        for event in pool.run(todo, stress_process, lambda item: (item[1], logs[id(item)])):
+            run = event.item[0]
+            if event.kind == "started":
+                print(f"[stress] {run.label} ({modality} noise) on {event.where}", flush=True)
+                continue
+            count += 1
+            code = event.value if event.value is not None else -1
+            if code != 0 or not _result(run, modality).is_file():
+                log = logs[id(event.item)]
+                print(f"[stress {count}/{len(todo)}] {run.label}: failed (exit {code}); log {log}")
+                failed.append(run)
+            else:
+                print(f"[stress {count}/{len(todo)}] {run.label}: done", flush=True)
     return failed
 
 
