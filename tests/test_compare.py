@@ -653,3 +653,92 @@ def test_stress_test_of_finished_runs(comparison: tuple[Path, str], tiny_text_mo
     # A second call finds every stress result and runs nothing again.
     code, out, err = compare(output, tiny_text_model, *extra, "--stress-modality", "text")
     assert code == 0 and "[stress" not in out
+
+
+@pytest.mark.slow
+def test_runs_on_ray_say_where_and_fresh_processes_give_what_warm_workers_give(
+    comparison: tuple[Path, str],
+    tiny_text_model: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fixture ran on warm workers, 2 at a time with a CPU each; a fresh process per run, in
+    the same share, reaches the very same validations."""
+    output, printed = comparison
+    assert "Ray places the runs: 2 at a time, each with 1 CPU" in printed
+    assert "[1/4] tiny n=16 seed=0 started on " in printed
+    assert "3 ended, 1 running, 0 waiting" in printed or "3 ended, 0 running, 1 waiting" in printed
+    monkeypatch.setenv("ADAPTALIGN_CACHE", str(output.parent / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    fresh = tmp_path / "fresh"
+    code, out, err = compare(
+        fresh,
+        tiny_text_model,
+        "--configs",
+        TINY,
+        "--train-images",
+        "16",
+        "--jobs",
+        "2",
+        "--workers",
+        "fresh",
+    )
+    assert code == 0, out + err
+    for seed in (0, 1):
+        warm_summary = json.loads(
+            (output / "runs/tiny/n16" / f"seed{seed}/summary.json").read_text()
+        )
+        fresh_summary = json.loads(
+            (fresh / "runs/tiny/n16" / f"seed{seed}/summary.json").read_text()
+        )
+        assert fresh_summary["history"] == warm_summary["history"]
+    for folder in (output, fresh):  # each log holds the command and the fit's own output
+        log = (folder / "runs/tiny/n16/seed0/log.txt").read_text()
+        assert log.startswith("$ ") and "rsum" in log
+
+
+@pytest.mark.slow
+def test_a_run_whose_worker_dies_is_tried_once_more_from_its_last_checkpoint(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm worker killed mid-run (a pre-empted machine): the run goes on from the ``last.ckpt``
+    of its first epoch on a new worker and ends as a run never interrupted does."""
+    monkeypatch.chdir(Path(__file__).parents[1])  # tests.helpers.killer imports from here
+    monkeypatch.setenv("ADAPTALIGN_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "died"
+    kill = [
+        "--trainer.max_epochs=2",
+        "--trainer.callbacks+=tests.helpers.killer.KillOnceAt",
+        "--trainer.callbacks.step=4",  # 3 batches an epoch: dies in the second epoch
+        f"--trainer.callbacks.marker={marker}",
+    ]
+    args = ("--configs", TINY, "--train-images", "48", "--seeds", "0")
+    code, printed, errors = compare(tmp_path / "out", tiny_text_model, *args, "--override", *kill)
+    assert code == 0, printed + errors
+    assert marker.exists()
+    assert "tiny n=48 seed=0 FAILED (its worker died: " in printed
+    assert "; trying once more" in printed
+    last = tmp_path / "out/runs/tiny/n48/seed0/version_0/checkpoints/last.ckpt"
+    assert f"tiny n=48 seed=0 resumed from {last} (epoch 0, step 3) on " in printed
+    assert "tiny n=48 seed=0 done in " in printed
+    summary = json.loads((tmp_path / "out/runs/tiny/n48/seed0/summary.json").read_text())
+    assert [entry["epoch"] for entry in summary["history"]] == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_again_is_reported_and_the_command_fails(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(Path(__file__).parents[1])
+    monkeypatch.setenv("ADAPTALIGN_CACHE", str(tmp_path / "cache"))
+    kill = [
+        "--trainer.max_epochs=2",
+        "--trainer.callbacks+=tests.helpers.killer.KillAt",
+        "--trainer.callbacks.step=4",
+    ]
+    args = ("--configs", TINY, "--train-images", "48", "--seeds", "0", "--workers", "fresh")
+    code, printed, errors = compare(tmp_path / "out", tiny_text_model, *args, "--override", *kill)
+    assert code == 1
+    assert printed.count("tiny n=48 seed=0 FAILED (exit -9)") == 2
+    assert printed.count("trying once more") == 1
+    assert "1 of 1 runs failed" in errors

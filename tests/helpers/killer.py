@@ -26,3 +26,18 @@ class KillAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillOnceAt(KillAt):
+    """:class:`KillAt`, but only while the folder ``marker`` does not exist (it makes it): the first
+    attempt of a run dies as on a pre-empted machine, the next one goes on. A folder, since the
+    arguments of a run that name files are part of its setting (see ``same_setting``)."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        super().__init__(step)
+        self.marker = marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not os.path.exists(self.marker):
+            os.mkdir(self.marker)
+            os.kill(os.getpid(), signal.SIGKILL)
