@@ -42,6 +42,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "compare": Subcommand(
         "adaptalign.experiments.compare", "methods over seeds and sizes, in parallel, resumable"
     ),
+    "tune": Subcommand(
+        "adaptalign.experiments.tune", "hyperparameter search: Ray Tune, Optuna TPE, ASHA"
+    ),
     "stress": Subcommand("adaptalign.experiments.stress", "a checkpoint evaluated under noise"),
     "tsne": Subcommand("adaptalign.experiments.tsne", "a t-SNE view of a predict embedding file"),
     "report": Subcommand(

@@ -148,4 +148,57 @@ def test_every_benchmark_with_a_goal_exits_with_its_verdict() -> None:
         "bench_quickstart",
         "bench_retrieval",
         "bench_train_step",
+        "bench_warm_workers",
     ]
+
+
+@pytest.mark.parametrize(
+    ("later", "fault", "missed"),
+    [
+        (9.5, None, None),
+        (10.5, None, "warm median <= 10 s per run"),
+        (9.5, "differ", "identical results in both modes"),
+        (9.5, "failed", "identical results in both modes; every run finished"),
+    ],
+)
+def test_warm_workers(
+    load, monkeypatch, capsys, tmp_path: Path, later: float, fault: str | None, missed: str | None
+) -> None:
+    """Each mode's comparison is replaced by fixed run times and summaries; the verdicts stay."""
+    bench = load("bench_warm_workers")
+    overhead = bench.RayOverhead(start_s=6.0, worker_s=0.5, call_s=0.0015)
+    monkeypatch.setattr(bench, "measure_ray_overhead", lambda threads: overhead)
+
+    def comparison(mode: str, seeds: list[int], output: Path, threads: int):
+        warm = mode == "warm"
+        seconds = {s: 30.0 if s == 0 else later if warm else 50.0 for s in seeds}
+        summaries = {
+            s: {"history": [{"rsum": 100.0 + s}], "best": {"rsum": 100.0 + s}} for s in seeds
+        }
+        status = 0
+        if not warm and fault == "differ":
+            summaries[1]["history"][0]["rsum"] += 0.01
+        if not warm and fault == "failed":
+            status = 1
+            del seconds[2], summaries[2]
+        printed = {s: f"{v:.0f}s" for s, v in seconds.items()}
+        return bench.Comparison(
+            mode, sum(seconds.values()) + 20.0, status, seconds, printed, summaries
+        )
+
+    monkeypatch.setattr(bench, "run_comparison", comparison)
+    status = bench.main(["--runs", "3", "--output", str(tmp_path), *THREADS])
+    printed = capsys.readouterr().out
+    assert status == (1 if missed else 0)
+    assert "an empty call's round trip 1.5 ms" in printed
+    assert "first run:              warm 30.0 s, fresh 30.0 s" in printed
+    assert f"median of runs 2..3:   warm {later:.1f} s, fresh 50.0 s" in printed
+    assert ("Overall: PASS" in printed) == (missed is None)
+    if missed:
+        assert f"Overall: FAIL (missed: {missed})" in printed
+    if fault == "differ":
+        assert "seed 1: warm and fresh differ at history[0]: rsum 101.0 vs 101.01" in printed
+    if fault == "failed":
+        assert "seed 2: no summary.json from fresh" in printed
+        assert "fresh: 100.0 s, of which runs 80.0 s and 20.0 s outside" in printed
+        assert "(Python and Ray start-up, report), exit status 1" in printed

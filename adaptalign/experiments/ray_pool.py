@@ -145,9 +145,10 @@ def check_answers(address: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
+def ray_session(address: str | None, env: dict[str, str] | None = None) -> Iterator[Any]:
     """Ray, connected: an existing connection of this process as it is, else a new one that
-    ends with the block (an embedded local Ray when ``address`` is None)."""
+    ends with the block (an embedded local Ray when ``address`` is None). ``env``: variables
+    every worker of this command gets, on whichever machine."""
     ray = import_ray()
     if ray.is_initialized():
         yield ray
@@ -157,6 +158,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
         "logging_level": logging.ERROR,
         "log_to_driver": False,
     }
+    if env:
+        quiet["runtime_env"] = {"env_vars": dict(env)}
     if address is None:
         ray.init(num_cpus=os.cpu_count() or 1, **quiet)
     else:

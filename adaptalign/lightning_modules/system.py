@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from adaptalign.common.errors import ConfigurationError, NonFiniteLossError
-from adaptalign.lightning_modules import rng
+from adaptalign.lightning_modules import frozen_backbones, rng
 from adaptalign.lightning_modules.controls import (
     Controls,
     LossTerm,
@@ -352,16 +352,24 @@ class AlignmentModule(L.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep every process's random generator states, so a resumed run draws the same."""
+        """Keep every process's random generator states, so a resumed run draws the same; leave
+        out frozen backbones that building the model loads again (see
+        :mod:`~adaptalign.lightning_modules.frozen_backbones`)."""
         checkpoint["rng_states"] = rng.gather(self.trainer.world_size)
+        frozen_backbones.leave_out(self._towers(), checkpoint)
+
+    def _towers(self) -> dict[str, ImageTower | TextTower]:
+        return {"image_tower": self.image_tower, "text_tower": self.text_tower}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take this process's generator states for when training resumes.
+        """Put back the frozen backbones the checkpoint left out (checking they are the same);
+        take this process's generator states for when training resumes.
 
-        They are set in ``on_train_start``, after everything that draws while a run is set up
+        The states are set in ``on_train_start``, after everything that draws while a run is set up
         (building the towers, the sanity check, callbacks' setup), so the first resumed step
         draws exactly what the interrupted run's next step would have.
         """
+        frozen_backbones.put_back(self._towers(), checkpoint)
         saved = checkpoint.get("rng_states")
         trainer = self.attached_trainer()
         if not saved or trainer is None or trainer.state.fn != TrainerFn.FITTING:

@@ -278,6 +278,15 @@ class ImageTower(_Tower):
             overrides = {"input_size": (3, config.image_size, config.image_size), "crop_pct": 1.0}
         self.data_config = resolve_data_config(overrides, model=self.backbone)
 
+    @property
+    def weights_source(self) -> str | None:
+        """The setting the backbone's weights are loaded from; None when drawn at random."""
+        if self.config.checkpoint_path is not None:
+            return f"model.image_tower.checkpoint_path={self.config.checkpoint_path!r}"
+        if self.config.pretrained:
+            return f"model.image_tower.model_name={self.config.model_name!r} (pretrained)"
+        return None
+
     def transform(self, training: bool = False) -> Callable:
         """timm's preprocessing for this model; no random augmentation unless asked for."""
         return create_transform(**self.data_config, is_training=training)
@@ -322,6 +331,11 @@ class TextTower(_Tower):
         self.projection = nn.Linear(self.feature_dim, embed_dim)
         # A frozen encoder maps a caption to the same features every epoch: remember them.
         self._memo: dict[str, Tensor] = {}
+
+    @property
+    def weights_source(self) -> str:
+        """The setting the backbone's weights are loaded from (a model folder or a hub name)."""
+        return f"model.text_tower.model_name={self.config.model_name!r}"
 
     def _freeze_unused(self) -> None:
         """Stop training weights the sentence embedding never reaches (e.g. BERT's pooler).
