@@ -48,6 +48,8 @@ def fit_status(arguments: Sequence[str]) -> int:
     """``adaptalign fit ARGUMENTS`` here; its exit status as the console would give it."""
     from adaptalign.lightning_cli.cli import main as lightning_main
 
+    command_line = sys.argv
+    sys.argv = ["adaptalign", "fit", *arguments]  # what the Lightning CLI reads, as in a console
     try:
         lightning_main(["fit", *arguments])
     except SystemExit as exc:  # jsonargparse ends a bad option this way
@@ -59,6 +61,7 @@ def fit_status(arguments: Sequence[str]) -> int:
             return 1
         return status
     finally:
+        sys.argv = command_line
         gc.collect()  # the run's system, data and trainer go now, not at the next run
     return 0
 

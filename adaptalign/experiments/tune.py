@@ -42,7 +42,8 @@ from adaptalign.experiments.tune_trial import SCORE, seed_runs, tune_function
 EXPERIMENT = "study"
 # A worker whose trial ASHA stopped is handed the next trial once the stopped fit has noticed,
 # at its next validation; Tune's default wait (2 s) would fail the next trial instead.
-WORKER_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "3600"}
+# Trials run where the command runs (relative config and output paths), not in Tune's folders.
+WORKER_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "3600", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
 
 
 def build_parser() -> CommandParser:

@@ -12,7 +12,9 @@ run in one and report their validations when they end.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,15 +139,16 @@ def trial_name(context: Any) -> str:
 
 
 def tune_function(study: Study, warm: bool, gpus: float) -> Callable[[dict[str, Any]], None]:
-    """The function Ray Tune runs for each trial."""
+    """The function Ray Tune runs for each trial, in the command's working directory (relative
+    paths mean what they mean there, and its modules import, as under ``python -m``)."""
+    cwd = str(Path.cwd())
 
     def trial(config: dict[str, Any]) -> None:
         from ray import tune
 
+        os.chdir(cwd)
+        if cwd not in sys.path:
+            sys.path.insert(0, cwd)
         run_trial(study, trial_name(tune.get_context()), config, tune.report, warm, gpus)
 
     return trial
-
-
-def summaries(study: Study, trial: str) -> Sequence[Path]:
-    return [run.summary_path for run in seed_runs(study, trial) if run.finished()]
