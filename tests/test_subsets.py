@@ -41,6 +41,14 @@ def test_fraction_and_full_split() -> None:
     assert len(nested_subset(records(100), 0.1, seed=0)) == 10
 
 
+def test_a_whole_count_written_as_a_float_is_a_count() -> None:
+    """``1000.0`` in a YAML file, or ``1000`` read as a float by a parser whose union types a
+    library reordered (Ray Tune's ``Union[float, int]``), still means 1000 images."""
+    assert subset_size(40.0, 100) == subset_size(40, 100) == 40
+    with pytest.raises(ConfigurationError, match="train_images=101 but the train split has only"):
+        subset_size(101.0, 100)
+
+
 @pytest.mark.parametrize(
     ("size", "message"),
     [

@@ -16,11 +16,18 @@ from adaptalign.datamodules.records import Record
 
 
 def subset_size(size: int | float | None, available: int) -> int:
-    """Number of images a ``train_images`` setting asks for: a count, or a fraction in (0, 1]."""
+    """Number of images a ``train_images`` setting asks for: a count, or a fraction in (0, 1].
+
+    A whole number above 1 written as a float (``1000.0``) is a count: a YAML file may write it
+    so, and a process that created ``typing.Union[float, int]`` earlier (Ray Tune does) makes the
+    command-line parser read ``1000`` as a float too.
+    """
     if size is None:
         return available
     if isinstance(size, bool):
         raise ConfigurationError(f"data.train_images={size!r}; expected a count or a fraction")
+    if isinstance(size, float) and size > 1 and size.is_integer():
+        size = int(size)
     if isinstance(size, float):
         if not 0 < size <= 1:
             raise ConfigurationError(
