@@ -245,3 +245,29 @@ def test_the_best_setting_is_no_worse_than_the_first_trial_and_fit_takes_it(
         fitted["lr"] == best["model"]["lr"]
         and fitted["temperature"] == best["model"]["temperature"]
     )
+
+
+@pytest.mark.slow
+def test_a_trial_tune_stops_ends_its_fit_at_that_validation_and_ends_as_tune_expects(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune stops a trial by raising ``SystemExit`` from the report; the trial must end with it
+    too (returning instead leaves Tune's worker waiting for the trial forever)."""
+    from adaptalign.experiments.tune_trial import run_trial
+
+    monkeypatch.setenv("ADAPTALIGN_CACHE", str(tmp_path / "cache"))
+    overrides = [f"--model.text_tower.model_name={tiny_text_model}", "--trainer.max_epochs=3"]
+    study = read_study(study_file(tmp_path, overrides=overrides, seeds=[0, 1]))
+    sent: list[dict] = []
+
+    def send(metrics: dict) -> None:
+        sent.append(metrics)
+        if len(sent) == 2:
+            raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        run_trial(study, "t1", {"model.lr": 0.003, "model.temperature": 0.1}, send, True, 0.0)
+    assert [m["epoch"] for m in sent] == [0, 1]  # stopped at its second validation
+    folder = tmp_path / "out" / "trials" / "t1"
+    assert not (folder / "seed0" / "summary.json").exists()  # the fit ended there
+    assert not (folder / "seed1").exists()  # and the trial with it

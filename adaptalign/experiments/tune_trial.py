@@ -94,7 +94,12 @@ def run_trial(
     warm: bool,
     gpus: float,
 ) -> Scoreboard:
-    """Every seed of one trial, reporting through ``send``; stops early when Tune says so."""
+    """Every seed of one trial, reporting through ``send``.
+
+    When Tune stops the trial, ``send`` raises ``SystemExit`` in the fit's validation; the fit
+    ends there (its run stays unfinished) and the trial ends with the same ``SystemExit``, which
+    is how Tune's worker knows the trial ended and takes the next one.
+    """
     global BOARD
     board = Scoreboard(study.metric, study.mode, send)
     setting = [*study.overrides, *study.fit_arguments(config)]
@@ -114,8 +119,8 @@ def run_trial(
             outcome = execute(run, [*setting, *report], in_process=here)
         finally:
             BOARD = None
-        if board.stopped:
-            return board
+        if board.stopped:  # end the trial the way Tune stops it, so its worker takes the next
+            raise SystemExit(0)
         if not outcome.ok:
             tail = "\n".join(outcome.log_tail[-5:])
             raise RuntimeError(f"{run.label}: {outcome.reason}; log {run.log_path}\n{tail}")
