@@ -125,8 +125,9 @@ def progress_callback(study: Study, slots: int) -> Any:
             waiting = max(study.trials - ended - running, 0)
             eta = ""
             if waiting + running and len(self.durations) > 1:
-                median = sorted(self.durations)[len(self.durations) // 2]
-                eta = f"; ETA {format_duration(median * (waiting + running) / slots)}"
+                # the mean, not the median: trials ASHA stops early are part of what is to come
+                mean = sum(self.durations[1:]) / (len(self.durations) - 1)  # the first warms up
+                eta = f"; ETA {format_duration(mean * (waiting + running) / slots)}"
             print(
                 f"{self.label(trial)} {text} in {format_duration(took)}; "
                 f"{ended} ended, {running} running, {waiting} waiting{eta}",
