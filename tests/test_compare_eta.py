@@ -23,10 +23,12 @@ def test_the_first_round_is_left_out_and_later_runs_give_the_median() -> None:
 
 
 def test_progress_lines_say_the_estimate(capsys: pytest.CaptureFixture) -> None:
-    progress = Progress(total=12, to_run=12, jobs=1)
+    progress = Progress(total=12, to_run=12, slots=1)
     run = Run("fixed", "base.yaml", 1000, 0, Path("runs/fixed"))
     assert progress.eta(600.0).startswith("; no ETA yet: the first runs also prepare data")
     assert progress.eta(20.0) == "; ETA 3m 20s"  # 10 runs left at 20 s each
     assert progress.eta(40.0) == "; ETA 4m 30s"  # 9 at the median, 30 s
     progress.say(2, run, "done")
     assert capsys.readouterr().out == "[3/12] fixed n=1000 seed=0 done\n"
+    progress.running = 2  # 3 ended, 2 running: 7 of the 12 still wait
+    assert progress.counts() == "3 ended, 2 running, 7 waiting"
