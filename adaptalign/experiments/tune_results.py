@@ -80,6 +80,8 @@ def write_outputs(study: Study, trials: Sequence[Trial]) -> Trial | None:
 
 def tuning_figure(study: Study, trials: Sequence[Trial], best: Trial | None) -> Any:
     """The score against each hyperparameter; stopped trials hollow, the best one starred."""
+    from matplotlib.ticker import NullFormatter
+
     count = len(study.space)
     columns = min(count, 3)
     rows = math.ceil(count / columns)
@@ -105,6 +107,7 @@ def tuning_figure(study: Study, trials: Sequence[Trial], best: Trial | None) -> 
             )
         if dimension.kind == "loguniform":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlaps
         if dimension.kind == "choice":
             ax.set_xticks(range(len(dimension.values)), [str(v) for v in dimension.values])
         ax.set_xlabel(dimension.key)
