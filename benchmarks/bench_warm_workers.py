@@ -7,9 +7,10 @@ base setting with a fixed temperature, 1,000 training images, 15 epochs, validat
 seeds 0..N-1, one run at a time) goes twice through ``adaptalign compare``: with ``--workers warm``
 (every fit inside the worker's long-lived process) and ``--workers fresh`` (a new ``python -m
 adaptalign fit`` per run), into ``DIR/warm`` and ``DIR/fresh`` (both replaced; a temporary folder
-without ``--output``). Printed side by side: each run's wall time, from its own files (``run.json``
-is written as it starts, ``log.txt`` last when it ends) beside the ``done in`` the command printed;
-the first run, which also loads what later runs find cached, apart from the median of the others;
+without ``--output``). Printed side by side: each run's wall time, from the moment the command
+printed its ``started`` line to its ``done`` line (everything the run costs, teardown and Ray's
+round trip included), beside the whole seconds the command printed itself; the first run, which
+also loads what later runs find cached, apart from the median of the others;
 each command's whole wall time; and Ray's own costs, measured here with the same pool the command
 uses: starting Ray, starting a worker, and the round trip of an empty call. The frozen features must
 be cached already (any earlier Flickr8k run builds them), or the first run of each mode includes
@@ -48,7 +49,7 @@ TRAIN_IMAGES = 1000
 OVERRIDES = ("--trainer.max_epochs=15", "--trainer.check_val_every_n_epoch=1")
 MODES = ("warm", "fresh")
 COMPARED = ("history", "best")
-DONE = re.compile(r"^\[\d+/\d+\] \S+ n=\S+ seed=(\d+) done in (.+?) \(")
+PROGRESS = re.compile(r"^\[\d+/\d+\] \S+ n=\S+ seed=(\d+) (started|resumed|done in (.+?) \()")
 EMPTY_CALLS = 20
 
 
@@ -59,7 +60,7 @@ class Comparison:
     mode: str
     wall_s: float
     returncode: int
-    seconds: dict[int, float] = field(default_factory=dict)  # seed -> run wall time (files)
+    seconds: dict[int, float] = field(default_factory=dict)  # seed -> started to done
     printed: dict[int, str] = field(default_factory=dict)  # seed -> the command's "done in"
     summaries: dict[int, dict] = field(default_factory=dict)  # seed -> summary.json
 
@@ -134,15 +135,9 @@ def run_folder(output: Path, seed: int) -> Path:
     return output / "runs" / NAME / f"n{TRAIN_IMAGES}" / f"seed{seed}"
 
 
-def run_seconds(folder: Path) -> float:
-    """From ``run.json`` (written as the run starts) to ``log.txt``'s last write (its end)."""
-    started = (folder / "run.json").stat().st_mtime_ns
-    ended = (folder / "log.txt").stat().st_mtime_ns
-    return (ended - started) / 1e9
-
-
 def run_comparison(mode: str, seeds: Sequence[int], output: Path, threads: int) -> Comparison:
-    """Runs one mode's comparison into an emptied ``output``; its output goes to ``compare.log``."""
+    """Runs one mode's comparison into an emptied ``output``, timing each line it prints as it
+    comes; its output also goes to ``compare.log``."""
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -151,21 +146,33 @@ def run_comparison(mode: str, seeds: Sequence[int], output: Path, threads: int) 
         "OMP_NUM_THREADS": str(threads),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    log = output / "compare.log"
     command = compare_command(mode, seeds, output)
+    started: dict[int, float] = {}
+    result = Comparison(mode, 0.0, 0)
     start = time.perf_counter()
-    with log.open("w") as handle:
-        done = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    result = Comparison(mode, time.perf_counter() - start, done.returncode)
-    for line in log.read_text(errors="replace").splitlines():
-        match = DONE.match(line)
-        if match:
-            result.printed[int(match.group(1))] = match.group(2)
+    with (output / "compare.log").open("w") as log:
+        with subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                now = time.perf_counter()
+                log.write(line)
+                match = PROGRESS.match(line)
+                if match is None:
+                    continue
+                seed = int(match.group(1))
+                if match.group(3) is None:  # started (again, after a failed attempt)
+                    started[seed] = now
+                elif seed in started:
+                    result.seconds[seed] = now - started[seed]
+                    result.printed[seed] = match.group(3)
+        result.returncode = process.returncode
+    result.wall_s = time.perf_counter() - start
     for seed in seeds:
-        folder = run_folder(output, seed)
-        if (folder / "summary.json").is_file():
-            result.seconds[seed] = run_seconds(folder)
-            result.summaries[seed] = json.loads((folder / "summary.json").read_text())
+        summary = run_folder(output, seed) / "summary.json"
+        if summary.is_file():
+            result.summaries[seed] = json.loads(summary.read_text())
     return result
 
 
@@ -196,7 +203,8 @@ def later_median(result: Comparison, seeds: Sequence[int]) -> float | None:
 
 def print_runs(seeds: Sequence[int], results: dict[str, Comparison]) -> None:
     warm, fresh = results["warm"], results["fresh"]
-    print("\nrun  seed   warm s (printed)   fresh s (printed)")
+    print("\nseconds per run, from its 'started' line to its 'done' line (its own 'done in')")
+    print("run  seed   warm s (printed)   fresh s (printed)")
     for index, seed in enumerate(seeds):
         cells = [
             f"{seconds_text(r.seconds.get(seed)):>7} ({r.printed.get(seed, '-'):>6})"
