@@ -12,6 +12,7 @@ import yaml
 from adaptalign.callbacks.arl import ARL
 from adaptalign.callbacks.curriculum import ObjectCurriculum
 from adaptalign.callbacks.loss_weighting import LossWeighting
+from adaptalign.callbacks.parameter_summary import ParameterSummary
 from adaptalign.callbacks.temperature_schedule import CosineTemperatureSchedule, TemperatureSchedule
 from adaptalign.cli import main
 from adaptalign.lightning_cli.cli import build_cli
@@ -135,12 +136,16 @@ def test_caption_clusters_are_one_shared_block(
     assert {k: config["data"]["clusters"][k] for k in block} == block
 
 
+@pytest.mark.parametrize("model_summary", ["false", "true"])
 def test_the_combined_configuration_is_the_four_overlays_layered(
-    tiny_text_model: str, tmp_path: Path
+    tiny_text_model: str, tmp_path: Path, model_summary: str
 ) -> None:
     """Built for real: the four methods run, in MM-TS, loss weights, TOnICS, ARL order, before
-    the default callbacks, with the settings the combined configuration always had."""
+    the default callbacks, with the settings the combined configuration always had; also with
+    the model summary on (every shipped config but the tests' leaves it on, and the summary's
+    own callback once took the methods' place)."""
     args = ["--config", TINY, *(arg for layer in COMBINED_METHODS for arg in ("--config", layer))]
+    args += [f"--trainer.enable_model_summary={model_summary}"]
     args += [f"--model.text_tower.model_name={tiny_text_model}"]
     args += [f"--data.clusters.text_model={tiny_text_model}", "--data.clusters.num_clusters=4"]
     args += [f"--data.cache_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"]
@@ -156,6 +161,8 @@ def test_the_combined_configuration_is_the_four_overlays_layered(
     assert curriculum.schedule == "ramp"
     assert (arl.gamma, arl.temperature, arl.warmup_epochs) == (4.0, 4.0, 1)
     assert not any(isinstance(c, CosineTemperatureSchedule) for c in trainer.callbacks)
+    summaries = [c for c in trainer.callbacks if isinstance(c, ParameterSummary)]
+    assert len(summaries) == (model_summary == "true")
 
 
 def test_a_method_set_to_null_is_off(tiny_text_model: str, tmp_path: Path) -> None:

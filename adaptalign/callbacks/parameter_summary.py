@@ -7,9 +7,10 @@ for every layer and ``Total FLOPs: 0``: a figure that looks measured and is not.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 DROPPED = "FLOPs"
@@ -47,15 +48,18 @@ class ParameterSummary(ModelSummary):
         print("\n".join(lines))
 
 
-def with_parameter_summary(trainer_config: dict[str, Any]) -> dict[str, Any]:
+def with_parameter_summary(
+    trainer_config: dict[str, Any], callbacks: Sequence[Callback]
+) -> dict[str, Any]:
     """Trainer arguments that put :class:`ParameterSummary` in place of Lightning's summary.
 
-    Nothing changes when the summary is turned off or the user chose a summary callback.
+    ``callbacks`` are all the trainer will get (the methods and the config's own); the summary
+    is added to them. Nothing changes when the summary is turned off or the user chose a summary
+    callback.
     """
-    callbacks = trainer_config.get("callbacks") or []
-    callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+    callbacks = list(callbacks)
     if trainer_config.get("enable_model_summary") is False or trainer_config.get("barebones"):
-        return {}
+        return {"callbacks": callbacks}
     if any(isinstance(callback, ModelSummary) for callback in callbacks):
-        return {}
+        return {"callbacks": callbacks}
     return {"callbacks": [*callbacks, ParameterSummary()], "enable_model_summary": False}

@@ -122,11 +122,10 @@ class AlignmentCLI(CheckedCLI):
         if not brings_checkpoint_io(trainer_config.get("strategy")):
             kwargs["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
         # The methods run before the config's other callbacks, in METHODS order.
-        kwargs["callbacks"] = [
-            *method_callbacks(settings_init),
-            *(trainer_config.get("callbacks") or []),
-        ]
-        kwargs.update(with_parameter_summary(trainer_config))
+        given = trainer_config.get("callbacks") or []
+        given = list(given) if isinstance(given, list | tuple) else [given]
+        callbacks = [*method_callbacks(settings_init), *given]
+        kwargs.update(with_parameter_summary(trainer_config, callbacks))
         settings = command_settings(self.config)
         logger = command_logger(self.subcommand, settings.get("trainer"), settings.get("ckpt_path"))
         if logger is not None:
