@@ -98,11 +98,13 @@ def run_stress(
         share = share_of(placement, alive_nodes(ray), local=placement.address is None)
         pool = WorkerPool(ray, share, Path.cwd())
         logs = {id(item): item[0].folder / f"stress_{modality}.log" for item in todo}
-        count = 0
+        count = started = 0
         for event in pool.run(todo, stress_process, lambda item: (item[1], logs[id(item)])):
             run = event.item[0]
             if event.kind == "started":
-                print(f"[stress] {run.label} ({modality} noise) on {event.where}", flush=True)
+                started += 1
+                where = f"[stress {started}/{len(todo)}] {run.label} ({modality} noise)"
+                print(f"{where} on {event.where}", flush=True)
                 continue
             count += 1
             code = event.value if event.value is not None else -1

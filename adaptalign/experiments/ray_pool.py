@@ -27,6 +27,7 @@ from adaptalign.common.errors import ConfigurationError
 
 INSTALL_HINT = "pip install 'ray[tune]'"
 CONNECT_SECONDS = 5.0
+SHARED_ENV = ("OMP_WAIT_POLICY",)  # see adaptalign.cli: idle OpenMP threads sleep
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,10 @@ def ray_session(address: str | None, env: dict[str, str] | None = None) -> Itera
         "logging_level": logging.ERROR,
         "log_to_driver": False,
     }
-    if env:
-        quiet["runtime_env"] = {"env_vars": dict(env)}
+    # What the command set for every process it starts reaches workers on other machines too.
+    shared = {k: os.environ[k] for k in SHARED_ENV if k in os.environ}
+    if shared or env:
+        quiet["runtime_env"] = {"env_vars": {**shared, **(env or {})}}
     if address is None:
         ray.init(num_cpus=os.cpu_count() or 1, **quiet)
     else:
