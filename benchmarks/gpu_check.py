@@ -200,6 +200,7 @@ def combined_command(
         *trainer,
         f"--trainer.max_steps={steps}",
         "--trainer.max_epochs=-1",  # the steps decide, not the quick start's 6 epochs
+        "--methods.tonics.ramp_epochs=3",  # with no epoch count, the curriculum needs its own
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={folder}",
         f"--trainer.logger.save_dir={folder}",
