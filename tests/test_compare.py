@@ -36,6 +36,7 @@ from adaptalign.experiments.compare_results import (
 )
 from adaptalign.experiments.compare_settings import resolve_settings, split_overrides
 from adaptalign.experiments.compare_stress import aggregate_stress, stress_figure
+from tests.helpers.builders import COMBINED_METHODS
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
@@ -742,3 +743,40 @@ def test_a_run_that_fails_again_is_reported_and_the_command_fails(
     assert printed.count("tiny n=48 seed=0 FAILED (exit -9)") == 2
     assert printed.count("trying once more") == 1
     assert "1 of 1 runs failed" in errors
+
+
+@pytest.mark.slow
+def test_method_runs_one_after_another_on_a_warm_worker_equal_fresh_processes(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing of one run stays behind in a warm worker for the next: two runs of the combined
+    methods (MM-TS, loss weights, TOnICS, ARL) on one worker reach the validations that a fresh
+    process per run reaches."""
+    monkeypatch.setenv("ADAPTALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = "+".join([TINY, *COMBINED_METHODS])
+    clusters = [f"--data.clusters.text_model={tiny_text_model}", "--data.clusters.num_clusters=4"]
+    histories = {}
+    for mode in ("warm", "fresh"):
+        output = tmp_path / mode
+        args = ("--configs", config, "--names", "combined", "--train-images", "32")
+        code, out, err = compare(
+            output,
+            tiny_text_model,
+            *args,
+            "--workers",
+            mode,
+            "--override",
+            *clusters,
+            "--trainer.max_epochs=2",
+        )
+        assert code == 0, out + err
+        assert "Ray places the runs: 1 at a time" in out
+        histories[mode] = [
+            json.loads((output / f"runs/combined/n32/seed{seed}/summary.json").read_text())[
+                "history"
+            ]
+            for seed in (0, 1)
+        ]
+    assert histories["warm"] == histories["fresh"]
+    assert histories["warm"][0] != histories["warm"][1]  # two seeds, two different runs
