@@ -32,6 +32,7 @@ from adaptalign.lightning_modules.controls import (
     scale_gradient,
 )
 from adaptalign.lightning_modules.gather import distributed_world, gather_with_grad
+from adaptalign.lightning_modules.heads import HeadKind, HeadSpec
 from adaptalign.lightning_modules.losses import info_nce, max_margin, step_statistics
 from adaptalign.lightning_modules.metric_names import RSUM
 from adaptalign.lightning_modules.nonfinite import checkpoint_note, controls_in_force
@@ -67,6 +68,8 @@ class AlignmentModule(L.LightningModule):
     Args:
         image_tower: timm model settings. text_tower: text model settings.
         embed_dim: size of the shared space both projections map to.
+        projection: each tower's trained head, ``linear`` or ``mlp`` (Linear, GELU, Linear);
+            ``projection_hidden`` is the MLP's hidden width (default: the tower's feature width).
         criterion: ``infonce`` (symmetric, temperature-scaled) or ``max_margin`` (hinge ranking).
         temperature: initial (or fixed) InfoNCE temperature; ``learn_temperature`` makes it a
             parameter, clamped to ``temperature_bounds``.
@@ -86,6 +89,8 @@ class AlignmentModule(L.LightningModule):
         image_tower: ImageTowerConfig | None = None,
         text_tower: TextTowerConfig | None = None,
         embed_dim: int = 256,
+        projection: HeadKind = "linear",
+        projection_hidden: int | None = None,
         criterion: Literal["infonce", "max_margin"] = "infonce",
         temperature: float = 0.07,
         learn_temperature: bool = True,
@@ -113,8 +118,10 @@ class AlignmentModule(L.LightningModule):
         self.hparams["image_tower"] = asdict(image_cfg)
         self.hparams["text_tower"] = asdict(text_cfg)
 
-        self.image_tower = ImageTower(image_cfg, embed_dim)
-        self.text_tower = TextTower(text_cfg, embed_dim)
+        head = HeadSpec(projection, projection_hidden)
+        head.check()
+        self.image_tower = ImageTower(image_cfg, embed_dim, head)
+        self.text_tower = TextTower(text_cfg, embed_dim, head)
         self.criterion = criterion
         low, high = temperature_bounds
         self.log_scale_bounds = (math.log(1 / high), math.log(1 / low))

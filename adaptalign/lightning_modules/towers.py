@@ -24,6 +24,7 @@ from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.hub import hub_unreachable
 from adaptalign.encoders.length_sorted import encode_by_length
 from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model
+from adaptalign.lightning_modules.heads import LINEAR, HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def _offline_weights(model_name: str) -> dict | None:
 class ImageTower(_Tower):
     """A timm backbone without its classifier, and a projection to ``embed_dim``."""
 
-    def __init__(self, config: ImageTowerConfig, embed_dim: int) -> None:
+    def __init__(self, config: ImageTowerConfig, embed_dim: int, head: HeadSpec = LINEAR) -> None:
         super().__init__()
         self.config = config
         if not timm.is_model(config.model_name):
@@ -267,7 +268,7 @@ class ImageTower(_Tower):
         else:
             self.backbone.train()
         self.feature_dim = int(self.backbone.num_features)
-        self.projection = nn.Linear(self.feature_dim, embed_dim)
+        self.projection = head.build(self.feature_dim, embed_dim)
         overrides: dict = {}
         if config.image_size is not None:
             if config.image_size < 8:
@@ -302,7 +303,7 @@ class ImageTower(_Tower):
 class TextTower(_Tower):
     """A sentence-transformers encoder (tokenises raw captions itself) and a projection."""
 
-    def __init__(self, config: TextTowerConfig, embed_dim: int) -> None:
+    def __init__(self, config: TextTowerConfig, embed_dim: int, head: HeadSpec = LINEAR) -> None:
         super().__init__()
         if config.max_length < 1:
             raise ConfigurationError(
@@ -328,7 +329,7 @@ class TextTower(_Tower):
             or self.backbone.get_sentence_embedding_dimension
         )
         self.feature_dim = int(dimension())
-        self.projection = nn.Linear(self.feature_dim, embed_dim)
+        self.projection = head.build(self.feature_dim, embed_dim)
         # A frozen encoder maps a caption to the same features every epoch: remember them.
         self._memo: dict[str, Tensor] = {}
 
@@ -367,7 +368,7 @@ class TextTower(_Tower):
 
     def _encode_chunk(self, texts: list[str]) -> Tensor:
         tokens = self._tokenize(texts)
-        device = self.projection.weight.device
+        device = next(self.projection.parameters()).device
         tokens = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
         return self.backbone(tokens)["sentence_embedding"]
 
