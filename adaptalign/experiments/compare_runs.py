@@ -314,11 +314,6 @@ def run_all(runs: list[Run], overrides: Sequence[str], placement: Placement) -> 
         return list(drive(pool, todo, overrides, placement.warm, progress))
 
 
-def attempt(run: Run, overrides: Sequence[str], in_process: bool) -> Outcome:
-    """One attempt at a run on a worker: :func:`execute`, kept to what travels back."""
-    return execute(run, overrides, in_process)
-
-
 def drive(
     pool: WorkerPool,
     todo: list[tuple[int, Run]],
@@ -335,7 +330,7 @@ def drive(
         here = warm and not needs_own_process(fit_command(run, overrides), pool.share.gpus)
         return (run, overrides, here)
 
-    for event in pool.run(todo, attempt, arguments):
+    for event in pool.run(todo, execute, arguments):
         index, run = event.item
         if event.kind == "started":
             tries[index] = tries.get(index, 0) + 1
