@@ -32,13 +32,7 @@ from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.exit_status import BAD_INPUT
 from adaptalign.experiments.compare_results import summary_row
 from adaptalign.experiments.in_process import fit_here, needs_own_process
-from adaptalign.experiments.ray_pool import (
-    Placement,
-    WorkerPool,
-    alive_nodes,
-    ray_session,
-    share_of,
-)
+from adaptalign.experiments.ray_pool import Placement, WorkerPool, worker_pool
 
 TrainImages = int | float | None
 LOG_TAIL_LINES = 15
@@ -306,11 +300,9 @@ def run_all(runs: list[Run], overrides: Sequence[str], placement: Placement) -> 
             print(f"[{index + 1}/{len(runs)}] {run.label} skipped (finished){note}", flush=True)
     if not todo:
         return []
-    with ray_session(placement.address) as ray:
-        share = share_of(placement, alive_nodes(ray), local=placement.address is None)
-        print(f"Ray places the runs: {share.describe()}", flush=True)
-        pool = WorkerPool(ray, share, Path.cwd())
-        progress = Progress(len(runs), len(todo), share.slots)
+    with worker_pool(placement) as pool:
+        print(f"Ray places the runs: {pool.share.describe()}", flush=True)
+        progress = Progress(len(runs), len(todo), pool.share.slots)
         return list(drive(pool, todo, overrides, placement.warm, progress))
 
 

@@ -28,13 +28,7 @@ from adaptalign.experiments.compare_results import (
     metric_label,
 )
 from adaptalign.experiments.compare_runs import Run, size_label
-from adaptalign.experiments.ray_pool import (
-    Placement,
-    WorkerPool,
-    alive_nodes,
-    ray_session,
-    share_of,
-)
+from adaptalign.experiments.ray_pool import Placement, worker_pool
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -94,9 +88,7 @@ def run_stress(
             todo.append((run, command))
     if not todo:
         return failed
-    with ray_session(placement.address) as ray:
-        share = share_of(placement, alive_nodes(ray), local=placement.address is None)
-        pool = WorkerPool(ray, share, Path.cwd())
+    with worker_pool(placement) as pool:
         logs = {id(item): item[0].folder / f"stress_{modality}.log" for item in todo}
         count = started = 0
         for event in pool.run(todo, stress_process, lambda item: (item[1], logs[id(item)])):

@@ -220,6 +220,11 @@ def share_of(placement: Placement, nodes: Sequence[dict[str, float]], local: boo
     return Share(cpus, gpus, max(slots, 1))
 
 
+def placed_share(ray: Any, placement: Placement) -> Share:
+    """Each run's share on the machines this Ray connection sees."""
+    return share_of(placement, alive_nodes(ray), local=placement.address is None)
+
+
 class RunWorker:
     """A Ray actor that runs one piece of work at a time in the driver's working directory."""
 
@@ -298,3 +303,10 @@ class WorkerPool:
     def again(self, item: Any) -> None:
         """Queues an item once more (a retry), ahead of the items not yet started."""
         self.queue.insert(0, item)
+
+
+@contextlib.contextmanager
+def worker_pool(placement: Placement) -> Iterator[WorkerPool]:
+    """A pool placed as ``placement`` says, in the command's working directory, for the block."""
+    with ray_session(placement.address) as ray:
+        yield WorkerPool(ray, placed_share(ray, placement), Path.cwd())

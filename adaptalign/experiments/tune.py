@@ -30,10 +30,9 @@ from adaptalign.experiments.ray_pool import (
     Placement,
     Share,
     add_placement_arguments,
-    alive_nodes,
+    placed_share,
     placement_from,
     ray_session,
-    share_of,
 )
 from adaptalign.experiments.tune_results import Trial, write_outputs
 from adaptalign.experiments.tune_settings import Study, read_study
@@ -244,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)  # a Ray this process already runs, as in the tests
     with ray_session(placement.address, WORKER_ENV) as ray:
-        share = share_of(placement, alive_nodes(ray), local=placement.address is None)
+        share = placed_share(ray, placement)
         print(
             f"{study.trials} trials of {shlex.quote(str(path))}; Ray places them: "
             f"{share.describe()}",
