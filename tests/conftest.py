@@ -27,12 +27,10 @@ def caption_words(scenes: int = 400) -> list[str]:
     return sorted(words)
 
 
-@pytest.fixture(scope="session")
-def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 1-layer, 32-dim BERT with a word-level vocabulary, saved as a plain transformers folder."""
+def save_tiny_bert(folder: Path, layers: int) -> str:
+    """A 32-dim BERT of ``layers`` layers with a word-level vocabulary, as a transformers folder."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ":", *caption_words()]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     try:  # transformers >= 5 takes the vocabulary itself, 4.x a file
@@ -46,13 +44,25 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 1-layer, 32-dim BERT with a word-level vocabulary, saved as a plain transformers folder."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model_3_layers(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny BERT with 3 layers, so a split can leave layers on both sides of its cut."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-3"), layers=3)
 
 
 @pytest.fixture()
