@@ -348,3 +348,50 @@ def test_splitting_leaves_modes_buffers_and_global_random_numbers_alone() -> Non
     assert backbone.training and backbone.blocks.training and not backbone.bn1.training
     for name, value in backbone.named_buffers():
         assert torch.equal(value, buffers[name]), name
+
+
+class Reordered(TwoBlocks):
+    """Reorders channels by an index derived from a buffer outside any traced operation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("order", torch.arange(3, -1, -1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.blocks[0](self.stem(x))
+        return self.blocks[1](hidden[:, self.order.flip(0)]).mean((2, 3))
+
+
+def test_tensors_a_trace_fixes_stay_with_the_split_and_follow_the_input() -> None:
+    backbone = Reordered().eval()
+    attributes = set(vars(backbone))
+    cut = split_image_model(backbone, "reordered", 1, (3, 8, 8))
+    assert set(vars(backbone)) == attributes
+    assert cut.eval_constants and cut.train_constants
+    backbone.to("meta")  # another device, without needing one
+    features = cut.suffix(backbone, cut.prefix(backbone, torch.empty(2, 3, 8, 8, device="meta")))
+    assert (features.device.type, tuple(features.shape)) == ("meta", (2, 4))
+    assert all(c.device.type == "meta" for c in cut.eval_constants.values())
+
+
+def test_swin_windows_can_be_cut() -> None:
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=2,
+        window_size=2,
+        embed_dim=16,
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 1, 1, 1),
+    ).eval()
+    assert image_block_count(backbone, "swin") == 4
+    x = torch.randn(2, 3, 32, 32)
+    for unlocked, boundary in ((1, "layers.3"), (4, "layers.0")):
+        cut = split_image_model(backbone, "swin", unlocked, (3, 32, 32))
+        assert cut.boundary == boundary
+        with torch.no_grad():
+            actual = cut.suffix(backbone, cut.prefix(backbone, x))
+            torch.testing.assert_close(actual, backbone(x), atol=1e-5, rtol=1e-4)

@@ -7,10 +7,10 @@ training step then runs only the suffix. This module decides where that cut lies
 and runs the two halves.
 
 The cut is found on a torch.fx trace of the backbone (with timm's own untraceable modules and
-functions kept whole), at the first operation that uses an unlocked parameter. The halves are run
-by an interpreter over the backbone itself, so they always use its current weights, device and
-dtype. A split is checked at construction: the suffix of the prefix must reproduce the backbone's
-output on a probe batch, in eval mode and in train mode.
+functions kept whole), at the first operation that runs inside an unlocked block or uses an
+unlocked parameter. The halves are run by an interpreter over the backbone itself, so they always
+use its current weights, device and dtype. A split is checked at construction: the suffix of the
+prefix must reproduce the backbone's output on a probe batch, in eval mode and in train mode.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class ImageSplit:
     prefix_graph: fx.Graph = field(repr=False, compare=False)
     eval_suffix_graph: fx.Graph = field(repr=False, compare=False)
     train_suffix_graph: fx.Graph = field(repr=False, compare=False)
+    eval_constants: dict[str, Tensor] = field(repr=False, compare=False)
+    train_constants: dict[str, Tensor] = field(repr=False, compare=False)
 
     def prefix(self, backbone: nn.Module, images: Tensor) -> Tensor:
         """The feature map entering the first unlocked block, for a batch of images.
@@ -70,7 +72,7 @@ class ImageSplit:
         output must not depend on whether the tower is training. Its layers that keep their own
         mode (batch norm, dropout) are the ``frozen_modules`` the tower holds in eval mode.
         """
-        return fx.Interpreter(backbone, graph=self.prefix_graph).run(images)
+        return _Run(backbone, self.prefix_graph, self.eval_constants).run(images)
 
     def suffix(self, backbone: nn.Module, hidden: Tensor) -> Tensor:
         """The backbone's pooled features ``(B, num_features)`` from the prefix's feature map.
@@ -78,8 +80,9 @@ class ImageSplit:
         Follows the backbone's mode: layers that behave differently in training (stochastic depth,
         attention dropout) were traced both ways, and the graph for the current mode runs.
         """
-        graph = self.train_suffix_graph if backbone.training else self.eval_suffix_graph
-        return fx.Interpreter(backbone, graph=graph).run(hidden)
+        if backbone.training:
+            return _Run(backbone, self.train_suffix_graph, self.train_constants).run(hidden)
+        return _Run(backbone, self.eval_suffix_graph, self.eval_constants).run(hidden)
 
 
 def image_block_count(backbone: nn.Module, model_name: str) -> int:
@@ -112,9 +115,9 @@ def split_image_model(
     first_block = groups.blocks[count - unlocked_blocks]
     where = f"{SETTING}={unlocked_blocks} for {model_name}"
 
-    eval_graph, train_graph = (_trace(backbone, training, where) for training in (False, True))
-    eval_cut = _cut(backbone, eval_graph, unlocked, where)
-    train_cut = _cut(backbone, train_graph, unlocked, where)
+    eval_trace, train_trace = (_trace(backbone, training, where) for training in (False, True))
+    eval_cut = _cut(backbone, eval_trace, unlocked, where)
+    train_cut = _cut(backbone, train_trace, unlocked, where)
     if eval_cut.boundary != train_cut.boundary:
         raise ConfigurationError(
             f"{where}: the cut lies at {eval_cut.boundary} in eval mode but at "
@@ -140,6 +143,8 @@ def split_image_model(
         prefix_graph=eval_cut.prefix,
         eval_suffix_graph=eval_cut.suffix,
         train_suffix_graph=train_cut.suffix,
+        eval_constants=eval_cut.constants,
+        train_constants=train_cut.constants,
     )
 
 
@@ -267,7 +272,20 @@ def _mode(backbone: nn.Module, training: bool) -> Iterator[None]:
             module.training = mode
 
 
-def _trace(backbone: nn.Module, training: bool, where: str) -> fx.Graph:
+@dataclass(frozen=True)
+class _Trace:
+    """A traced forward and the tensors it fixed as constants.
+
+    A tensor the forward derives from a buffer outside any traced operation (a Swin window's
+    position index, an EVA's rotary table) is recorded as a constant; the split keeps it rather
+    than leave it on the model.
+    """
+
+    graph: fx.Graph
+    constants: dict[str, Tensor]
+
+
+def _trace(backbone: nn.Module, training: bool, where: str) -> _Trace:
     """The backbone's forward as a graph in one mode (tracing fixes mode-dependent branches).
 
     Optional forward arguments (a ViT's attention mask) are fixed at their defaults, as the tower
@@ -281,25 +299,48 @@ def _trace(backbone: nn.Module, training: bool, where: str) -> fx.Graph:
             graph = _TimmTracer().trace(backbone, concrete_args=fixed or None)
     except Exception as exc:  # tracing fails with many kinds of errors on data-dependent code
         raise ConfigurationError(f"{where}: torch.fx cannot trace the model ({exc})") from exc
-    finally:
-        added = set(vars(backbone)) - attributes
-        for name in added:  # tensor constants the tracer stored on the model
+    finally:  # the tracer stores its constants on the model: take them back off
+        constants = {name: vars(backbone)[name] for name in set(vars(backbone)) - attributes}
+        for name in constants:
             delattr(backbone, name)
-    if added:
-        raise ConfigurationError(
-            f"{where}: the traced model uses tensors that are neither parameters nor buffers "
-            f"({', '.join(sorted(added))}), so it cannot be cut"
-        )
-    return graph
+    return _Trace(graph=graph, constants=constants)
+
+
+class _Run(fx.Interpreter):
+    """Runs a graph on the backbone as it is now, serving the trace's constants beside it.
+
+    A constant moves to the device of the values the graph runs on the first time it is needed
+    there and stays, so a split made on the CPU works on a GPU without copying at every step.
+    """
+
+    def __init__(self, backbone: nn.Module, graph: fx.Graph, constants: dict[str, Tensor]) -> None:
+        super().__init__(backbone, graph=graph)
+        self.constants = constants
+        self.device: torch.device | None = None
+
+    def run(self, *args: object, **kwargs: object) -> object:
+        """Run on one input, remembering its device for the constants."""
+        self.device = next((a.device for a in args if isinstance(a, Tensor)), None)
+        return super().run(*args, **kwargs)
+
+    def fetch_attr(self, target: str) -> object:
+        """A constant of the trace, on the input's device, else the backbone's attribute."""
+        if target not in self.constants:
+            return super().fetch_attr(target)
+        constant = self.constants[target]
+        if self.device is not None and constant.device != self.device:
+            constant = self.constants[target] = constant.to(self.device)
+        return constant
 
 
 @dataclass(frozen=True)
 class _Cut:
-    """One trace cut in two: the prefix graph, the suffix graph and the first unlocked call."""
+    """One trace cut in two: prefix and suffix graphs, the first unlocked operation, constants."""
 
     prefix: fx.Graph
     suffix: fx.Graph
     boundary: str
+    constants: dict[str, Tensor]
 
 
 def _unlocked_modules(backbone: nn.Module, unlocked: frozenset[str]) -> set[str]:
@@ -349,7 +390,7 @@ def _attribute(backbone: nn.Module, target: str) -> object:
     return value
 
 
-def _cut(backbone: nn.Module, graph: fx.Graph, unlocked: frozenset[str], where: str) -> _Cut:
+def _cut(backbone: nn.Module, trace: _Trace, unlocked: frozenset[str], where: str) -> _Cut:
     """Split a trace where the unlocked layers begin.
 
     Exactly one value computed before that point may be used after it (the feature map); the
@@ -357,12 +398,13 @@ def _cut(backbone: nn.Module, graph: fx.Graph, unlocked: frozenset[str], where: 
     """
     unlocked_ids = {id(p) for name, p in backbone.named_parameters() if name in unlocked}
     unlocked_modules = _unlocked_modules(backbone, unlocked)
-    nodes = list(graph.nodes)
+    nodes = list(trace.graph.nodes)
     start = next(
         (
             i
             for i, node in enumerate(nodes)
-            if _above_cut(backbone, node, unlocked_ids, unlocked_modules)
+            if node.target not in trace.constants
+            and _above_cut(backbone, node, unlocked_ids, unlocked_modules)
         ),
         None,
     )
@@ -398,7 +440,9 @@ def _cut(backbone: nn.Module, graph: fx.Graph, unlocked: frozenset[str], where: 
             copies[node] = suffix.node_copy(node)
     for node in nodes[start:]:
         copies[node] = suffix.node_copy(node, copies.__getitem__)
-    return _Cut(prefix=prefix, suffix=suffix, boundary=_place(nodes[start]))
+    return _Cut(
+        prefix=prefix, suffix=suffix, boundary=_place(nodes[start]), constants=trace.constants
+    )
 
 
 def _called_modules(graph: fx.Graph) -> list[str]:
@@ -436,7 +480,9 @@ def _check(
     images = torch.randn((PROBE_IMAGES, *input_size), generator=generator)
     images = images.to(device=device, dtype=dtype or torch.get_default_dtype())
     buffers = {name: b.detach().clone() for name, b in backbone.named_buffers()}
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":  # train mode's random layers draw from the model's GPU
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
     shapes = []
     try:
         with torch.no_grad():
@@ -445,8 +491,8 @@ def _check(
                     torch.manual_seed(PROBE_SEED)
                     expected = backbone(images)
                     torch.manual_seed(PROBE_SEED)
-                    hidden = fx.Interpreter(backbone, graph=cut.prefix).run(images)
-                    actual = fx.Interpreter(backbone, graph=cut.suffix).run(hidden)
+                    hidden = _Run(backbone, cut.prefix, cut.constants).run(images)
+                    actual = _Run(backbone, cut.suffix, cut.constants).run(hidden)
                 if not isinstance(hidden, Tensor):
                     raise ConfigurationError(
                         f"{where}: the layers below the cut pass a {type(hidden).__name__}, "
