@@ -70,8 +70,9 @@ def test_feature_extraction_says_what_it_does(
     caption_features(backbone, some_captions(12), cache, progress=True)
     err = capsys.readouterr().err.splitlines()
     folder = cache.folder("text", "")
+    # 2 captions x 32 float32 values: the size is said before anything is computed
     assert err[0].startswith(
-        f"text features: 2 of 12 captions to compute (10 cached, stored in {folder}"
+        f"text features: 2 of 12 captions to compute, 256 B (10 cached, stored in {folder}"
     )
     assert "an interrupted run resumes where it stopped" in err[0]
     assert err[-1].startswith("text features: 2/2 captions (100%)")

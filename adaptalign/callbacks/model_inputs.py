@@ -16,17 +16,23 @@ from adaptalign.datamodules.model_inputs import ModelInputs
 
 
 def model_inputs(system: L.LightningModule) -> ModelInputs:
-    """The system's evaluation preprocessing and its frozen towers (towers that train are left
-    out, so their inputs stay raw); a system without an image tower gets the default
-    preprocessing."""
+    """The system's evaluation preprocessing and its towers' frozen parts: whole frozen towers,
+    or the frozen prefixes of towers whose top trains (towers that train whole are left out, so
+    their inputs stay raw); a system without an image tower gets the default preprocessing."""
     make = getattr(system, "image_transform", None)
     image_tower = getattr(system, "image_tower", None)
     text_tower = getattr(system, "text_tower", None)
+    text_frozen = getattr(text_tower, "frozen", False)
     return ModelInputs(
         transform=make(False) if callable(make) else default_transform(),
-        image_tower=image_tower if getattr(image_tower, "frozen", False) else None,
-        text_backbone=text_tower.backbone if getattr(text_tower, "frozen", False) else None,
+        image_tower=image_tower if _has_frozen_part(image_tower) else None,
+        text_backbone=text_tower.backbone if text_frozen else None,
+        text_prefix=text_tower if _has_frozen_part(text_tower) and not text_frozen else None,
     )
+
+
+def _has_frozen_part(tower: object) -> bool:
+    return getattr(tower, "frozen", False) or getattr(tower, "split", None) is not None
 
 
 class ModelInputsLink(L.Callback):

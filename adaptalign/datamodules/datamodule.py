@@ -241,7 +241,8 @@ class AlignmentDataModule(L.LightningDataModule):
         """Frozen towers' features of ``records`` (noisy ones with ``image_noise``), computed by
         process 0 for the items the cache lacks."""
         inputs = self._model_inputs()
-        if not self.feature_cache or (inputs.image_tower is None and inputs.text_backbone is None):
+        towers = (inputs.image_tower, inputs.text_backbone, inputs.text_prefix)
+        if not self.feature_cache or all(tower is None for tower in towers):
             return None
         trainer = self.trainer
         writer = trainer is None or trainer.is_global_zero

@@ -146,6 +146,20 @@ class TrainPairs(Dataset):
         return item
 
 
+def text_features(rows: list[Tensor]) -> dict[str, Tensor]:
+    """A batch's cached caption rows: ``text_features`` ``(B, D)``; for a text prefix's ragged
+    ``(tokens, H)`` rows, padded with zeros to ``(B, T, H)`` beside ``text_features_mask``."""
+    if rows[0].dim() == 1:
+        return {"text_features": torch.stack(rows)}
+    longest = max(row.shape[0] for row in rows)
+    padded = rows[0].new_zeros((len(rows), longest, rows[0].shape[1]))
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : row.shape[0]] = row
+        mask[i, : row.shape[0]] = 1
+    return {"text_features": padded, "text_features_mask": mask}
+
+
 def collate_pairs(items: list[dict]) -> dict:
     batch = {
         "texts": [it["texts"] for it in items],
@@ -154,9 +168,11 @@ def collate_pairs(items: list[dict]) -> dict:
         "caption_index": torch.tensor([it["caption_index"] for it in items]),
         "objects": [it["objects"] for it in items],
     }
-    for key in ("images", "image_features", "text_features"):
+    for key in ("images", "image_features"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    if "text_features" in items[0]:
+        batch.update(text_features([it["text_features"] for it in items]))
     for key in ("cluster", "cluster_size"):
         if key in items[0]:
             batch[key] = torch.tensor([it[key] for it in items])
@@ -229,7 +245,7 @@ def collate_eval(items: list[dict]) -> dict:
     else:
         batch["image_features"] = torch.stack([it["image_features"] for it in items])
     if "text_features" in items[0]:
-        batch["text_features"] = torch.cat([it["text_features"] for it in items])
+        batch.update(text_features([row for it in items for row in it["text_features"]]))
     if "text_bucket" in items[0]:
         batch["image_bucket"] = torch.tensor([it["image_bucket"] for it in items])
         for key in ("text_bucket", "text_cluster"):

@@ -11,6 +11,12 @@ Rows are written in chunks of a few thousand items, each chunk a whole file writ
 resumes after them) and never a torn one. There is no index to keep in step: loading opens every
 chunk of the model's folder memory-mapped, reads its item keys and copies only the rows asked for.
 
+Rows are either of one shape (a frozen tower's features, a frozen prefix's feature maps) or ragged
+(a frozen text prefix: one ``(tokens, width)`` tensor per caption, stored unpadded: padding every
+caption to the longest would store about three times as much for Flickr captions). A folder may
+store its rows in half precision, which halves the cache on disk and in memory; a chunk whose
+values half precision cannot hold is kept in float32.
+
 Whole entries (one tensor under one data key) serve results that belong to a whole data set, such
 as caption clusters.
 """
@@ -19,13 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from adaptalign.common.atomic_files import atomic_open, exclusive
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.progress import Bar, say
 
 log = logging.getLogger(__name__)
@@ -46,12 +54,17 @@ def digest(parts: Iterable[bytes]) -> str:
 
 def module_digest(module: torch.nn.Module, *settings: str) -> str:
     """Digest of a module's exact weights and buffers plus the settings that shape its output."""
+    return state_digest(module.state_dict(), *settings)
+
+
+def state_digest(state: Mapping[str, Tensor], *settings: str) -> str:
+    """Digest of named tensors (part of a module's state) plus the settings that shape an output."""
 
     def parts() -> Iterable[bytes]:
         yield f"v{FORMAT_VERSION}".encode()
         for setting in settings:
             yield setting.encode()
-        for name, tensor in sorted(module.state_dict().items()):
+        for name, tensor in sorted(state.items()):
             yield name.encode()
             yield str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode()
             yield tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
@@ -68,18 +81,26 @@ def first_positions(items: Sequence[str]) -> dict[str, int]:
     return {item: i for i, item in reversed(list(enumerate(items)))}
 
 
+Ragged = list[Tensor]
+"""Rows of different lengths, one tensor per item."""
+
+
 class Rows:
     """Feature rows looked up by item key, gathered from chunks and fresh computations."""
 
     def __init__(self) -> None:
         self.where: dict[str, int] = {}
         self.parts: list[Tensor] = []
+        self.ragged: list[Tensor] = []
         self.count = 0
 
-    def add(self, keys: Sequence[str], rows: Tensor) -> None:
+    def add(self, keys: Sequence[str], rows: Tensor | Ragged) -> None:
         for j, key in enumerate(keys):
             self.where.setdefault(key, self.count + j)
-        self.parts.append(rows)
+        if isinstance(rows, list):
+            self.ragged.extend(rows)
+        else:
+            self.parts.append(rows)
         self.count += len(keys)
 
     def __contains__(self, key: object) -> bool:
@@ -91,11 +112,15 @@ class Rows:
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
 
-    def gather(self, keys: Sequence[str]) -> Tensor:
-        """The rows of ``keys``, in order (each must be present)."""
+    def gather(self, keys: Sequence[str]) -> Tensor | Ragged:
+        """The rows of ``keys``, in order (each must be present): one tensor, or for ragged rows
+        one tensor per key."""
+        if self.ragged:
+            return [self.ragged[self.where[key]] for key in keys]
         if not keys:
             return torch.empty(0)
         index = torch.tensor([self.where[key] for key in keys])
+        # Chunks kept in float32 (values beyond half precision) promote the others.
         return (torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0])[index]
 
 
@@ -124,24 +149,43 @@ class FeatureCache:
             chunk = _read_chunk(path)
             if chunk is None:
                 continue
-            keys, features = chunk
+            keys, features, lengths = chunk
             rows = [i for i, key in enumerate(keys) if key in wanted and key not in found]
-            if rows:
+            if not rows:
+                continue
+            if lengths is None:
                 # Indexing copies the rows off the memory map, reading only their pages.
                 found.add([keys[i] for i in rows], features[torch.tensor(rows)])
+            else:
+                starts = [0, *torch.cumsum(lengths, 0).tolist()]
+                found.add(
+                    [keys[i] for i in rows],
+                    [features[starts[i] : starts[i + 1]].clone() for i in rows],
+                )
         return found
 
-    def write_chunk(self, kind: str, model_key: str, keys: list[str], features: Tensor) -> Path:
-        """One chunk of rows, whole or not at all; its name comes from its items."""
-        if len(keys) != features.shape[0]:
-            raise ValueError(f"{len(keys)} keys for {features.shape[0]} rows")
+    def write_chunk(
+        self, kind: str, model_key: str, keys: list[str], features: Tensor | Ragged
+    ) -> Path:
+        """One chunk of rows, whole or not at all; its name comes from its items.
+
+        Ragged rows are stored end to end with their lengths."""
+        count = len(features) if isinstance(features, list) else features.shape[0]
+        if len(keys) != count:
+            raise ValueError(f"{len(keys)} keys for {count} rows")
         if any("\n" in key for key in keys):
             raise ValueError("item keys are single lines")
         path = self.folder(kind, model_key) / f"{CHUNK_PREFIX}{text_digest(keys)}.pt"
         # The keys as one string: unpickling thousands of small strings would take longer than
         # reading the rows.
+        entry: dict = {"keys": "\n".join(keys)}
+        if isinstance(features, list):
+            entry["features"] = torch.cat(features).contiguous()
+            entry["lengths"] = torch.tensor([row.shape[0] for row in features])
+        else:
+            entry["features"] = features.contiguous()
         with atomic_open(path) as handle:
-            torch.save({"keys": "\n".join(keys), "features": features.contiguous()}, handle)
+            torch.save(entry, handle)
         return path
 
     def rows(
@@ -151,16 +195,18 @@ class FeatureCache:
         keys: Sequence[str],
         compute: Callable[[list[int]], Iterable[tuple[list[int], Tensor]]],
         chunk_rows: int,
-        bar: Callable[[int, int], Bar] | None = None,
-    ) -> Tensor:
+        bar: Callable[[list[int], int], Bar] | None = None,
+        half: bool = False,
+    ) -> Tensor | Ragged:
         """The rows of ``keys`` (in order, repeats allowed), computing only the missing items.
 
         ``compute(positions)`` gets the positions in ``keys`` of the missing items (one per
         distinct key) and yields ``(positions, rows)`` batches covering them, in any order and
-        batch size; each time ``chunk_rows`` rows have come they are stored as one chunk before
-        the next batch is asked for, so an interrupted extraction keeps what it finished.
-        ``bar(missing, wanted)`` reports progress over the missing items (``wanted``: the
-        distinct items asked for).
+        batch size (rows: a tensor, or one tensor per position for ragged rows); each time
+        ``chunk_rows`` rows have come they are stored as one chunk before the next batch is asked
+        for, so an interrupted extraction keeps what it finished. ``bar(missing, wanted)``
+        reports progress over the ``missing`` positions (``wanted``: the number of distinct items
+        asked for). ``half`` stores rows in float16 (the model key must say so).
         """
         first = first_positions(keys)
         stored = self.read_rows(kind, model_key, set(first))
@@ -182,8 +228,10 @@ class FeatureCache:
                 log.info(
                     "feature cache: %d of %d %s items to compute", len(missing), len(first), kind
                 )
-                report = bar(len(missing), len(first)) if bar is not None else None
-                self._compute(kind, model_key, keys, missing, compute, chunk_rows, report, stored)
+                report = bar(missing, len(first)) if bar is not None else None
+                self._compute(
+                    kind, model_key, keys, missing, compute, chunk_rows, report, stored, half
+                )
         return stored.gather(keys)
 
     def _compute(
@@ -196,23 +244,31 @@ class FeatureCache:
         chunk_rows: int,
         report: Bar | None,
         done: Rows,
+        half: bool = False,
     ) -> None:
         """Computes the missing items into chunks on disk and into ``done``."""
         names: list[str] = []
         pending: list[Tensor] = []
+        ragged: Ragged = []
 
         def flush() -> None:
-            rows = torch.cat(pending)
+            rows: Tensor | Ragged = ragged[:] if ragged else torch.cat(pending)
+            if half:
+                rows = _in_half(rows, kind)
             self.write_chunk(kind, model_key, names, rows)
             done.add(list(names), rows)
             names.clear()
             pending.clear()
+            ragged.clear()
 
         for positions, batch in compute(missing):
-            if len(positions) != batch.shape[0]:
-                raise ValueError(f"{len(positions)} positions for {batch.shape[0]} rows")
+            if len(positions) != len(batch):
+                raise ValueError(f"{len(positions)} positions for {len(batch)} rows")
             names.extend(keys[i] for i in positions)
-            pending.append(batch.detach().float().cpu())
+            if isinstance(batch, list):
+                ragged.extend(row.detach().float().cpu() for row in batch)
+            else:
+                pending.append(batch.detach().float().cpu())
             if report is not None:
                 report.update(len(positions))
             if len(names) >= chunk_rows:
@@ -275,8 +331,52 @@ class FeatureCache:
         return features
 
 
-def _read_chunk(path: Path) -> tuple[list[str], Tensor] | None:
-    """A chunk's keys and (memory-mapped) rows; ``None`` when it is unreadable.
+HALF_MAX = torch.finfo(torch.float16).max
+
+
+def _in_half(rows: Tensor | Ragged, kind: str) -> Tensor | Ragged:
+    """The rows in float16, or unchanged (float32) when a value lies beyond its range."""
+    parts = rows if isinstance(rows, list) else [rows]
+    largest = max((float(r.abs().max()) for r in parts if r.numel()), default=0.0)
+    if largest >= HALF_MAX:
+        log.warning(
+            "%s cache: a value of %g is beyond float16; this chunk is kept in float32",
+            kind,
+            largest,
+        )
+        return rows
+    return [r.half() for r in rows] if isinstance(rows, list) else rows.half()
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds ``folder`` (or would, once made)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def check_space(folder: Path, needed: int, what: str, setting: str) -> None:
+    """Refuse before filling a cache that the disk cannot hold (a half-filled disk helps no one)."""
+    free = free_bytes(folder)
+    if needed > free:
+        raise ConfigurationError(
+            f"{what} needs {size_text(needed)} in {folder}, but that disk has {size_text(free)} "
+            f"free; free some space, point data.cache_dir at a larger disk, or change {setting}"
+        )
+
+
+def size_text(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def _read_chunk(path: Path) -> tuple[list[str], Tensor, Tensor | None] | None:
+    """A chunk's keys, (memory-mapped) rows and, for ragged rows, their lengths; ``None`` when it
+    is unreadable.
 
     Chunks are only ever renamed into place whole, so an unreadable one was damaged from outside:
     it is removed and its items are computed again.
@@ -284,12 +384,16 @@ def _read_chunk(path: Path) -> tuple[list[str], Tensor] | None:
     try:
         chunk = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         keys, features = chunk["keys"].split("\n"), chunk["features"]
-        if features.shape[0] != len(keys):
-            raise ValueError(f"{len(keys)} keys for {features.shape[0]} rows")
+        lengths = chunk.get("lengths")
+        count = features.shape[0] if lengths is None else lengths.shape[0]
+        if count != len(keys):
+            raise ValueError(f"{len(keys)} keys for {count} rows")
+        if lengths is not None and int(lengths.sum()) != features.shape[0]:
+            raise ValueError(f"lengths add up to {int(lengths.sum())}, not {features.shape[0]}")
     except FileNotFoundError:
         return None
     except Exception as exc:
         log.warning("feature cache chunk %s is unreadable (%s); removed", path, exc)
         path.unlink(missing_ok=True)
         return None
-    return keys, features
+    return keys, features, lengths

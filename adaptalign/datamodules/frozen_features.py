@@ -12,13 +12,20 @@ batch of 32 or padded among longer captions; tf_efficientnet_lite0: 5e-7 between
 32), and results reproduce to the digit only on identical features. So every forward pass has
 exactly ``IMAGE_BATCH`` or ``TEXT_BATCH`` rows (a short batch is filled up with copies of its last
 item) and a batch of captions holds one token length only, so nothing is padded.
+
+A tower whose top blocks train has a frozen prefix instead: its output (the image feature map, the
+caption's hidden states entering the first trained layer) is cached the same way, in float16 (half
+the disk and memory; the loss and gradients stay within the tolerance ``tests/test_prefix_cache``
+states), and each training step runs only the trained top.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +35,15 @@ from adaptalign.common.progress import Bar, progress_bar, say
 from adaptalign.datamodules.datasets import Transform, load_record_image
 from adaptalign.datamodules.feature_cache import (
     FeatureCache,
+    Ragged,
+    check_space,
     digest,
     first_positions,
     module_digest,
+    size_text,
+    state_digest,
 )
-from adaptalign.datamodules.model_inputs import FeatureTower, ModelInputs
+from adaptalign.datamodules.model_inputs import FeatureTower, ModelInputs, TextPrefix
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.encoders.length_sorted import length_batches, token_lengths
@@ -45,15 +56,21 @@ TEXT_BATCH = 32
 IMAGE_CHUNK = 512
 TEXT_CHUNK = 2048
 
-Batches = Iterable[tuple[list[int], Tensor]]
+Shared = TypeVar("Shared")
+
+# What a frozen prefix's rows are stored in (part of the model key).
+PREFIX_STORAGE = "float16"
+
+Batches = Iterable[tuple[list[int], Tensor | Ragged]]
 
 
 @dataclass
 class FrozenFeatures:
-    """Per image id: its image features ``(D,)`` and its captions' features ``(n, D)``."""
+    """Per image id: its image features ``(D,)`` (or prefix map) and its captions' features
+    ``(n, D)`` (or, for a text prefix, one ``(tokens, H)`` tensor per caption)."""
 
     image: dict[int, Tensor] | None = None
-    text: dict[int, Tensor] | None = None
+    text: dict[int, Tensor | Ragged] | None = None
 
 
 class _Images(Dataset):
@@ -78,8 +95,23 @@ def full_batch(rows: Tensor, size: int) -> Tensor:
     return torch.cat([rows, rows[-1:].expand(missing, *rows.shape[1:])])
 
 
-def image_model_key(backbone: nn.Module, transform: Transform) -> str:
-    return module_digest(backbone, repr(transform), f"batch={IMAGE_BATCH}")
+def image_model_key(tower: FeatureTower, transform: Transform) -> str:
+    """The frozen part's weights, where it stops, the preprocessing and the batching."""
+    settings = [repr(transform), f"batch={IMAGE_BATCH}"]
+    if tower.cut:
+        settings += [f"prefix below {tower.cut}", PREFIX_STORAGE]
+    return state_digest(tower.frozen_state(), *settings)
+
+
+def text_prefix_key(prefix: TextPrefix) -> str:
+    model = prefix.model
+    return state_digest(
+        prefix.frozen_state(),
+        f"prefix below {prefix.cut}",
+        f"max_length={model.max_seq_length}",
+        f"batch={TEXT_BATCH}",
+        PREFIX_STORAGE,
+    )
 
 
 def text_model_key(backbone: nn.Module) -> str:
@@ -110,12 +142,12 @@ def encode_images(
     loader = DataLoader(
         _Images(records, transform, noise), batch_size=IMAGE_BATCH, num_workers=num_workers
     )
-    device = next(tower.backbone.parameters()).device
+    device = next(iter(tower.frozen_state().values())).device
     start = 0
     for images in loader:
         count = images.shape[0]
         with torch.no_grad():
-            rows = tower.features(full_batch(images, IMAGE_BATCH).to(device))[:count]
+            rows = tower.frozen_features(full_batch(images, IMAGE_BATCH).to(device))[:count]
         yield list(range(start, start + count)), rows.float().cpu()
         start += count
 
@@ -133,17 +165,42 @@ def encode_texts(backbone: nn.Module, captions: Sequence[str]) -> Batches:
         yield batch, rows[: len(batch)].float().cpu().clone()
 
 
-def _reporter(desc: str, unit: str, enabled: bool, folder: Path) -> Callable[[int, int], Bar]:
-    def report(missing: int, wanted: int) -> Bar:
-        if enabled:
-            cached = f"{wanted - missing} cached, " if missing < wanted else ""
-            say(
-                f"{desc}: {missing} of {wanted} {unit}s to compute ({cached}stored in {folder}, "
-                "chunk by chunk: an interrupted run resumes where it stopped)"
-            )
-        return progress_bar(missing, desc, unit, enabled)
+def encode_text_prefixes(prefix: TextPrefix, captions: Sequence[str]) -> Batches:
+    """``(positions, one (tokens, H) tensor per caption)`` batches of the frozen prefix's hidden
+    states; each forward holds one token length, so nothing is padded."""
+    lengths = token_lengths(prefix.model, captions)
+    for batch in length_batches(captions, lengths, TEXT_BATCH):
+        texts = [captions[i] for i in batch]
+        texts += texts[-1:] * (TEXT_BATCH - len(texts))
+        with torch.no_grad():
+            hidden, _ = prefix.frozen_hidden(texts)
+        yield batch, [row.float().cpu() for row in hidden[: len(batch)]]
 
-    return report
+
+@dataclass(frozen=True)
+class Storage:
+    """What the cache is about to hold, so its size is said (and checked) before filling it."""
+
+    desc: str  # e.g. "image prefix below blocks.6"
+    unit: str  # "image" or "caption"
+    row_bytes: Callable[[int], int]  # bytes of the item at a position
+    setting: str  # the setting that decides the size, for the refusal
+
+    def reporter(self, enabled: bool, folder: Path) -> Callable[[list[int], int], Bar]:
+        def report(missing: list[int], wanted: int) -> Bar:
+            needed = sum(self.row_bytes(i) for i in missing)
+            what = f"{self.desc} for {len(missing)} {self.unit}s"
+            check_space(folder, needed, what, self.setting)
+            if enabled:
+                cached = f"{wanted - len(missing)} cached, " if len(missing) < wanted else ""
+                say(
+                    f"{self.desc}: {len(missing)} of {wanted} {self.unit}s to compute, "
+                    f"{size_text(needed)} ({cached}stored in {folder}, chunk by chunk: an "
+                    "interrupted run resumes where it stopped)"
+                )
+            return progress_bar(len(missing), self.desc, self.unit, enabled)
+
+        return report
 
 
 def _remap(positions: list[int], batches: Batches) -> Batches:
@@ -161,16 +218,26 @@ def image_features(
     noise: NoiseConfig | None = None,
     progress: bool = True,
 ) -> Tensor:
-    """One row of the tower's backbone features per record, computing only what is not cached."""
-    key = image_model_key(tower.backbone, transform)
+    """One row of the tower's frozen part per record, computing only what is not cached."""
+    key = image_model_key(tower, transform)
 
     def compute(positions: list[int]) -> Batches:
         todo = [records[i] for i in positions]
         return _remap(positions, encode_images(tower, todo, transform, num_workers, noise))
 
     keys = [image_key(r, noise) for r in records]
-    report = _reporter("image features", "image", progress, cache.folder("image", key))
-    return cache.rows("image", key, keys, compute, IMAGE_CHUNK, report)
+    half = bool(tower.cut)
+    row = math.prod(tower.cached_shape) * (2 if half else 4)
+    storage = Storage(
+        f"image prefix below {tower.cut}" if half else "image features",
+        "image",
+        lambda _: row,
+        "model.image_tower.unlocked_blocks",
+    )
+    report = storage.reporter(progress, cache.folder("image", key))
+    features = cache.rows("image", key, keys, compute, IMAGE_CHUNK, report, half=half)
+    assert isinstance(features, Tensor)
+    return features
 
 
 def caption_features(
@@ -193,15 +260,48 @@ def caption_features(
     if cache is None:
         return _uncached(captions, compute)
     key = text_model_key(backbone)
-    report = _reporter(desc, "caption", progress, cache.folder("text", key))
+    row = int(backbone.get_sentence_embedding_dimension()) * 4
+    storage = Storage(desc, "caption", lambda _: row, "model.text_tower.unlocked_layers")
+    report = storage.reporter(progress, cache.folder("text", key))
     keys = [caption_key(c) for c in captions]
-    return cache.rows("text", key, keys, compute, TEXT_CHUNK, report)
+    features = cache.rows("text", key, keys, compute, TEXT_CHUNK, report)
+    assert isinstance(features, Tensor)
+    return features
+
+
+def caption_prefixes(
+    prefix: TextPrefix, captions: Sequence[str], cache: FeatureCache, progress: bool = True
+) -> Ragged:
+    """Each caption's hidden states entering the first trained layer, ``(tokens, H)``, computing
+    only what is not cached."""
+    captions = list(captions)
+
+    def compute(positions: list[int]) -> Batches:
+        return _remap(positions, encode_text_prefixes(prefix, [captions[i] for i in positions]))
+
+    key = text_prefix_key(prefix)
+    lengths: list[int] = []
+
+    def row_bytes(position: int) -> int:
+        if not lengths:  # only when something is missing: tokenising costs time
+            lengths.extend(token_lengths(prefix.model, captions))
+        return lengths[position] * prefix.hidden_size * 2
+
+    storage = Storage(
+        f"text prefix below {prefix.cut}", "caption", row_bytes, "model.text_tower.unlocked_layers"
+    )
+    report = storage.reporter(progress, cache.folder("text_prefix", key))
+    keys = [caption_key(c) for c in captions]
+    rows = cache.rows("text_prefix", key, keys, compute, TEXT_CHUNK, report, half=True)
+    assert isinstance(rows, list)
+    return rows
 
 
 def _uncached(items: list[str], compute: Callable[[list[int]], Batches]) -> Tensor:
     first = first_positions(items)
     rows: dict[str, Tensor] = {}
     for positions, batch in compute(sorted(first.values())):
+        assert isinstance(batch, Tensor)
         rows.update(zip((items[i] for i in positions), batch, strict=True))
     return torch.stack([rows[item] for item in items]) if items else torch.empty(0)
 
@@ -227,7 +327,11 @@ def compute_frozen_features(
     if image_noise is not None and image_noise.image_rate == 0:
         image_noise = None
     result = FrozenFeatures()
-    image_tower, text_backbone = inputs.image_tower, inputs.text_backbone
+    image_tower, text_backbone, text_prefix = (
+        inputs.image_tower,
+        inputs.text_backbone,
+        inputs.text_prefix,
+    )
     if image_tower is not None:
 
         def images(writer: bool) -> Tensor:
@@ -249,17 +353,29 @@ def compute_frozen_features(
         def texts(writer: bool) -> Tensor:
             return caption_features(text_backbone, captions, cache, progress and writer)
 
-        features = _shared(texts, barrier, is_writer)
-        result.text, start = {}, 0
-        for r in records:
-            result.text[r.image_id] = features[start : start + len(r.captions)]
-            start += len(r.captions)
+        result.text = _per_image(records, _shared(texts, barrier, is_writer))
+    elif text_prefix is not None:
+        captions = [c for r in records for c in r.captions]
+
+        def prefixes(writer: bool) -> Ragged:
+            return caption_prefixes(text_prefix, captions, cache, progress and writer)
+
+        result.text = _per_image(records, _shared(prefixes, barrier, is_writer))
+    return result
+
+
+def _per_image(records: Sequence[Record], rows: Tensor | Ragged) -> dict[int, Tensor | Ragged]:
+    """Rows of all captions in record order, split into each image's captions."""
+    result, start = {}, 0
+    for r in records:
+        result[r.image_id] = rows[start : start + len(r.captions)]
+        start += len(r.captions)
     return result
 
 
 def _shared(
-    compute: Callable[[bool], Tensor], barrier: Callable[[], None], is_writer: bool
-) -> Tensor:
+    compute: Callable[[bool], Shared], barrier: Callable[[], None], is_writer: bool
+) -> Shared:
     """The writer fills the cache first; the others then only read it."""
     if is_writer:
         features = compute(True)

@@ -24,12 +24,48 @@ MISSING_LINK = (
 
 
 class FeatureTower(Protocol):
-    """A frozen image tower as the feature cache uses it."""
+    """The frozen part of an image tower as the feature cache uses it: the whole backbone of a
+    frozen tower, or the frozen prefix of one whose top blocks train."""
 
-    backbone: nn.Module  # its weights and layout are part of the cached rows' key
+    @property
+    def cut(self) -> str:
+        """Empty for a whole frozen backbone; else the block its trained top starts at."""
+        ...
 
-    def features(self, images: Tensor) -> Tensor:
-        """Backbone features ``(B, D)`` of a batch of preprocessed images."""
+    @property
+    def cached_shape(self) -> tuple[int, ...]:
+        """The shape of one image's cached row: ``(D,)`` features or a ``(C, H, W)`` map."""
+        ...
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        """The weights and buffers the cached rows depend on (part of their key)."""
+        ...
+
+    def frozen_features(self, images: Tensor) -> Tensor:
+        """The frozen part's output for a batch of preprocessed images."""
+        ...
+
+
+class TextPrefix(Protocol):
+    """The frozen prefix of a text tower whose top layers train, as the feature cache uses it."""
+
+    model: nn.Module  # the sentence-transformers model: its tokenizer and token budget
+
+    @property
+    def cut(self) -> str:
+        """Where the trained top starts, e.g. ``layer 5 of 6``."""
+        ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        """The weights and buffers the cached hidden states depend on (part of their key)."""
+        ...
+
+    def frozen_hidden(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Hidden states ``(B, T, H)`` entering the first trained layer, and the attention mask
+        ``(B, T)``, of raw captions."""
         ...
 
 
@@ -39,11 +75,13 @@ class ModelInputs:
 
     Args:
         transform: the image tower's evaluation preprocessing, which training data uses too.
-        image_tower: the image tower when it is frozen, else ``None``.
+        image_tower: the image tower's frozen part (whole or prefix), else ``None``.
         text_backbone: the text tower's sentence-transformers model when it is frozen, else
             ``None``.
+        text_prefix: the text tower's frozen prefix when its top layers train, else ``None``.
     """
 
     transform: Transform
     image_tower: FeatureTower | None = None
     text_backbone: nn.Module | None = None
+    text_prefix: TextPrefix | None = None

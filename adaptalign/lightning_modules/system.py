@@ -176,12 +176,13 @@ class AlignmentModule(L.LightningModule):
 
     def encode_images(self, batch: dict) -> Tensor:
         if "image_features" in batch:
-            return _unit_rows(self.image_tower.projection(batch["image_features"]))
+            return _unit_rows(self.image_tower.from_cached(batch["image_features"]))
         return _unit_rows(self.image_tower(batch["images"]))
 
     def encode_texts(self, batch: dict) -> Tensor:
         if "text_features" in batch:
-            return _unit_rows(self.text_tower.projection(batch["text_features"]))
+            rows, mask = batch["text_features"], batch.get("text_features_mask")
+            return _unit_rows(self.text_tower.from_cached(rows, mask))
         return _unit_rows(self.text_tower(batch["texts"]))
 
     # ----------------------------------------------------------------- training

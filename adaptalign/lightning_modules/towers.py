@@ -1,8 +1,14 @@
 """The two towers: any timm image model and any sentence-transformers / Hugging Face text model.
 
-Each tower splits into a backbone (``features``) and a linear ``projection`` to the shared space, so
-a frozen backbone's features can be cached and only the projection trained, and so the optimiser can
-give backbones and projections different learning rates.
+Each tower splits into a backbone (``features``) and a ``projection`` head to the shared space, so
+a frozen backbone's features can be cached and only the head trained, and so the optimiser can give
+backbones and heads different learning rates.
+
+Between frozen and fully trained, a tower can train only its top: the last blocks of a timm model
+(``unlocked_blocks``, by timm's own grouping of its layers) or the last transformer layers of a
+text model (``unlocked_layers``). The frozen prefix below then runs in eval mode without autograd,
+and its output can be cached like a frozen tower's features (``from_cached``), so a training step
+runs only the top and the head.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -24,7 +31,9 @@ from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.hub import hub_unreachable
 from adaptalign.encoders.length_sorted import encode_by_length
 from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model
+from adaptalign.encoders.text_split import TextSplit
 from adaptalign.lightning_modules.heads import LINEAR, HeadSpec
+from adaptalign.lightning_modules.image_split import ImageSplit, split_image_model
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +47,17 @@ class ImageTowerConfig:
 
     ``image_size`` overrides the model's native input size (small generated images need not be
     upsampled to 224 px); preprocessing otherwise follows timm's data config for the model.
+
+    ``unlocked_blocks``: how many of the model's top blocks train (timm's coarse grouping: the
+    stages of a CNN, the blocks of a ViT; the final norm / head layers train with them); ``0`` is
+    ``freeze: true``, ``"all"`` trains everything. Unset, ``freeze`` decides.
     """
 
     model_name: str = "resnet18"
     pretrained: bool = False
     checkpoint_path: str | None = None
     freeze: bool = False
+    unlocked_blocks: int | Literal["all"] | None = None
     image_size: int | None = None
     model_kwargs: dict = field(default_factory=dict)
 
@@ -57,10 +71,15 @@ class TextTowerConfig:
     makes a fine-tuned MiniLM's training step and its evaluation about twice as fast on Flickr8k
     captions (``benchmarks/bench_text_chunks.py``); ``None`` encodes a whole batch in one forward
     (for large GPUs).
+
+    ``unlocked_layers``: how many of the top transformer layers train (with the pooling and
+    anything after the layer stack); ``0`` is ``freeze: true``, ``"all"`` trains everything.
+    Unset, ``freeze`` decides.
     """
 
     model_name: str = "all-MiniLM-L6-v2"
     freeze: bool = False
+    unlocked_layers: int | Literal["all"] | None = None
     max_length: int = DEFAULT_MAX_TOKENS
     chunk_size: int | None = 32
 
@@ -79,26 +98,74 @@ def tower_config(value: object, cls: type, name: str) -> object:
     return value
 
 
+def unlocked_count(value: object, freeze: bool, setting: str, tower: str) -> int | None:
+    """How many top blocks / layers train: ``None`` for all of them, ``0`` for none.
+
+    ``freeze`` decides when ``value`` is unset; set together, they must agree.
+    """
+    if value is None:
+        return 0 if freeze else None
+    if value == "all":
+        count = None
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        count = value
+    else:
+        raise ConfigurationError(f'{setting}={value!r}; expected an integer >= 0 or "all"')
+    if freeze and count != 0:
+        raise ConfigurationError(
+            f"{setting}={value!r} trains part of the tower, but {tower}.freeze=true freezes it; "
+            f"leave freeze out (or set {setting}: 0)"
+        )
+    return count
+
+
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
 
 
+def _lock_all_but(module: nn.Module, unlocked: frozenset[str]) -> None:
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in unlocked)
+
+
 class _Tower(nn.Module):
-    """Shared behaviour: a frozen backbone stays in eval mode and is run without autograd."""
+    """Shared behaviour: a frozen backbone, or a split tower's frozen prefix, stays in eval mode
+    and is run without autograd."""
 
     backbone: nn.Module
     frozen: bool
+    split: ImageSplit | TextSplit | None
 
     def train(self, mode: bool = True) -> _Tower:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()
+        elif self.split is not None:
+            for name in self.split.frozen_modules:
+                self.backbone.get_submodule(name).eval()
         return self
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    @property
+    def cut(self) -> str:
+        """Where the trained top starts; empty when the whole backbone is frozen."""
+        return self.split.boundary if self.split is not None else ""
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        """The weights and buffers a cached output of the frozen part depends on."""
+        state = self.backbone.state_dict()
+        if self.split is None:
+            return state
+        return {k: v for k, v in state.items() if k in self.split.prefix_state_names}
+
+    def _head_input(self, rows: Tensor) -> Tensor:
+        """Cached rows (stored in half precision) in the head's precision and device."""
+        weight = next(self.projection.parameters())
+        return rows.to(device=weight.device, dtype=weight.dtype)
 
 
 def _unknown_timm_model(name: str) -> ConfigurationError:
@@ -262,13 +329,6 @@ class ImageTower(_Tower):
             ) from exc
         if config.checkpoint_path is not None:
             _load_image_checkpoint(self.backbone, config.checkpoint_path)
-        self.frozen = config.freeze
-        if self.frozen:
-            _freeze(self.backbone)
-        else:
-            self.backbone.train()
-        self.feature_dim = int(self.backbone.num_features)
-        self.projection = head.build(self.feature_dim, embed_dim)
         overrides: dict = {}
         if config.image_size is not None:
             if config.image_size < 8:
@@ -278,6 +338,25 @@ class ImageTower(_Tower):
                 )
             overrides = {"input_size": (3, config.image_size, config.image_size), "crop_pct": 1.0}
         self.data_config = resolve_data_config(overrides, model=self.backbone)
+        unlocked = unlocked_count(
+            config.unlocked_blocks,
+            config.freeze,
+            "model.image_tower.unlocked_blocks",
+            "model.image_tower",
+        )
+        self.frozen = unlocked == 0
+        self.split: ImageSplit | None = None
+        if self.frozen:
+            _freeze(self.backbone)
+        else:
+            if unlocked is not None:
+                self.split = split_image_model(
+                    self.backbone, config.model_name, unlocked, self.data_config["input_size"]
+                )
+                _lock_all_but(self.backbone, self.split.unlocked_parameters)
+            self.train()
+        self.feature_dim = int(self.backbone.num_features)
+        self.projection = head.build(self.feature_dim, embed_dim)
 
     @property
     def weights_source(self) -> str | None:
@@ -292,9 +371,31 @@ class ImageTower(_Tower):
         """timm's preprocessing for this model; no random augmentation unless asked for."""
         return create_transform(**self.data_config, is_training=training)
 
+    @property
+    def cached_shape(self) -> tuple[int, ...]:
+        """One image's cached row: the features ``(D,)``, or a split tower's prefix map."""
+        return (self.feature_dim,) if self.split is None else self.split.prefix_shape
+
+    def frozen_features(self, images: Tensor) -> Tensor:
+        """The frozen part's output: the whole backbone's features or the prefix's feature map."""
+        with torch.no_grad():
+            if self.split is None:
+                return self.backbone(images)
+            return self.split.prefix(self.backbone, images)
+
     def features(self, images: Tensor) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self.backbone(images)
+        """Backbone features of raw images; a split tower recomputes its frozen prefix."""
+        if self.frozen or self.split is not None:
+            return self.top(self.frozen_features(images))
+        return self.backbone(images)
+
+    def top(self, rows: Tensor) -> Tensor:
+        """Features from the frozen part's output: the trained blocks of a split tower."""
+        return rows if self.split is None else self.split.suffix(self.backbone, rows)
+
+    def from_cached(self, rows: Tensor) -> Tensor:
+        """Embeddings from cached rows of the frozen part (features or prefix maps)."""
+        return self.projection(self.top(self._head_input(rows)))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.projection(self.features(images))
@@ -316,14 +417,24 @@ class TextTower(_Tower):
             )
         self.config = config
         self.backbone = load_text_model(config.model_name, config.max_length)
-        self.frozen = config.freeze
+        unlocked = unlocked_count(
+            config.unlocked_layers,
+            config.freeze,
+            "model.text_tower.unlocked_layers",
+            "model.text_tower",
+        )
+        self.frozen = unlocked == 0
+        self.split: TextSplit | None = None
         if self.frozen:
             _freeze(self.backbone)
         else:
+            if unlocked is not None:
+                self.split = TextSplit(self.backbone, unlocked, name=config.model_name)
+                _lock_all_but(self.backbone, self.split.unlocked_parameters)
             self._freeze_unused()
             # Loaded models come in eval mode and Lightning keeps each module's mode as built:
-            # a tower that trains must train with its dropout on.
-            self.backbone.train()
+            # a tower that trains must train with its dropout on (a frozen prefix stays in eval).
+            self.train()
         dimension = (
             getattr(self.backbone, "get_embedding_dimension", None)
             or self.backbone.get_sentence_embedding_dimension
@@ -366,11 +477,43 @@ class TextTower(_Tower):
             return self._encode_chunk(texts)
         return encode_by_length(texts, size, self._encode_chunk)
 
-    def _encode_chunk(self, texts: list[str]) -> Tensor:
+    def _tokens(self, texts: list[str]) -> dict:
         tokens = self._tokenize(texts)
         device = next(self.projection.parameters()).device
-        tokens = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
-        return self.backbone(tokens)["sentence_embedding"]
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
+
+    def _encode_chunk(self, texts: list[str]) -> Tensor:
+        if self.split is not None:
+            return self.split.suffix(*self.frozen_hidden(texts))
+        return self.backbone(self._tokens(texts))["sentence_embedding"]
+
+    @property
+    def model(self) -> nn.Module:
+        """The sentence-transformers model (its tokenizer and token budget)."""
+        return self.backbone
+
+    @property
+    def hidden_size(self) -> int:
+        if self.split is None:
+            raise ValueError("only a split text tower has a frozen prefix")
+        return self.split.hidden_size
+
+    def frozen_hidden(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """The frozen prefix's hidden states ``(B, T, H)`` and attention mask of raw captions."""
+        if self.split is None:
+            raise ValueError("only a split text tower has a frozen prefix")
+        with torch.no_grad():
+            return self.split.prefix(self._tokens(texts))
+
+    def from_cached(self, rows: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Embeddings from cached rows: sentence embeddings ``(B, D)``, or a split tower's
+        padded prefix hidden states ``(B, T, H)`` with their attention ``mask``."""
+        rows = self._head_input(rows)
+        if mask is not None:
+            if self.split is None:
+                raise ValueError("prefix hidden states reach only a split text tower")
+            rows = self.split.suffix(rows, mask.to(rows.device))
+        return self.projection(rows)
 
     def features(self, texts: Sequence[str]) -> Tensor:
         texts = list(texts)
@@ -380,7 +523,9 @@ class TextTower(_Tower):
         if missing:
             with torch.no_grad():
                 self._memo.update(zip(missing, self.encode(missing), strict=True))
-        return torch.stack([self._memo[t] for t in texts]).to(self.projection.weight.device)
+        return torch.stack([self._memo[t] for t in texts]).to(
+            next(self.projection.parameters()).device
+        )
 
     def forward(self, texts: Sequence[str]) -> Tensor:
         return self.projection(self.features(texts))

@@ -1,0 +1,264 @@
+"""Cached frozen prefixes: ragged and half-precision rows, the size check, keys, and training from
+the cache exactly as from recomputed prefixes (loss and gradients), also resumed and under DDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from adaptalign.callbacks.model_inputs import model_inputs
+from adaptalign.common.errors import ConfigurationError
+from adaptalign.datamodules import feature_cache
+from adaptalign.datamodules.datamodule import AlignmentDataModule
+from adaptalign.datamodules.datasets import text_features
+from adaptalign.datamodules.feature_cache import FeatureCache
+from adaptalign.datamodules.frozen_features import image_model_key, text_prefix_key
+from adaptalign.datamodules.generated import GeneratedConfig
+from adaptalign.lightning_modules.system import AlignmentModule
+from tests.helpers.builders import tiny_module
+
+# fp16 keeps 11 significant bits: a stored prefix value is off by at most 2^-11 of itself. Through
+# the unlocked top and the head this moved the tiny system's loss by 6e-6 and each parameter's
+# gradient by at most 9e-4 of its largest entry; the tolerance leaves a margin of 5.
+HALF_RTOL = 5e-3
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _ragged(lengths: list[int], width: int = 4) -> list[torch.Tensor]:
+    return [torch.randn(n, width) for n in lengths]
+
+
+def test_ragged_rows_come_back_unpadded_and_in_order(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path)
+    rows = _ragged([3, 1, 5, 2])
+    keys = ["a", "b", "c", "d"]
+
+    def compute(positions: list[int]):
+        for i in positions:
+            yield [i], [rows[i]]
+
+    out = cache.rows("text_prefix", "m", keys, compute, chunk_rows=3)
+    assert [r.shape[0] for r in out] == [3, 1, 5, 2]
+    assert all(torch.equal(a, b) for a, b in zip(out, rows, strict=True))
+    assert len(cache.chunks("text_prefix", "m")) == 2  # 3 rows, then 1
+
+    # Read back from disk, a repeat and a new order
+    again = cache.rows("text_prefix", "m", ["d", "a", "d"], compute, chunk_rows=3)
+    assert [r.shape[0] for r in again] == [2, 3, 2]
+    assert torch.equal(again[0], rows[3]) and torch.equal(again[1], rows[0])
+
+
+def test_half_storage_rounds_to_float16_and_keeps_out_of_range_chunks_in_float32(
+    tmp_path: Path,
+) -> None:
+    cache = FeatureCache(tmp_path)
+    small = torch.randn(4, 3)
+    huge = torch.full((2, 3), 1e6)
+    keys = ["a", "b", "c", "d", "e", "f"]
+    table = torch.cat([small, huge])
+
+    def compute(positions: list[int]):
+        yield positions, table[positions]
+
+    out = cache.rows("image", "m", keys[:4], compute, chunk_rows=8, half=True)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, small.half())
+    assert (out.float() - small).abs().max() <= small.abs().max() * 2**-11
+
+    out = cache.rows("image", "m", keys, compute, chunk_rows=8, half=True)
+    assert out.dtype == torch.float32  # the chunk of 1e6 values stays float32 and promotes
+    assert torch.equal(out[4:], huge) and torch.equal(out[:4], small.half().float())
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_anything_is_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Usage(NamedTuple):
+        total: int
+        used: int
+        free: int
+
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda _: Usage(10**9, 0, 1000))
+    computed: list[int] = []
+
+    def compute(positions: list[int]):
+        computed.extend(positions)
+        yield positions, torch.zeros(len(positions), 1000)
+
+    def bar(missing: list[int], wanted: int):
+        feature_cache.check_space(
+            tmp_path, 4000 * len(missing), "image prefix", "model.image_tower.unlocked_blocks"
+        )
+
+    with pytest.raises(ConfigurationError) as error:
+        FeatureCache(tmp_path).rows("image", "m", ["a", "b"], compute, 8, bar)
+    assert computed == []
+    message = str(error.value)
+    assert "8.0 kB" in message and "1.0 kB free" in message
+    assert "model.image_tower.unlocked_blocks" in message and "data.cache_dir" in message
+
+
+def test_ragged_caption_rows_are_padded_with_a_mask() -> None:
+    rows = _ragged([2, 4])
+    batch = text_features(rows)
+    assert batch["text_features"].shape == (2, 4, 4)
+    assert batch["text_features_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert torch.equal(batch["text_features"][0, :2], rows[0])
+    assert not batch["text_features"][0, 2:].any()
+    assert text_features([torch.ones(3), torch.zeros(3)])["text_features"].shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- towers
+
+
+def split_module(text_model: str, seed: int = 0, **settings: object) -> AlignmentModule:
+    """The tiny system with its last image stage and its one text layer trained."""
+    return tiny_module(
+        text_model,
+        seed=seed,
+        image={"unlocked_blocks": 1},
+        text={"unlocked_layers": 1},
+        **settings,
+    )
+
+
+def _data(root: Path, cached: bool, **settings: object) -> AlignmentDataModule:
+    return AlignmentDataModule(
+        generated=GeneratedConfig(num_train=16, num_val=4, num_test=4, image_size=32),
+        cache_dir=str(root),
+        batch_size=8,
+        feature_cache=cached,
+        **settings,
+    )
+
+
+def _first_batch(module: AlignmentModule, data: AlignmentDataModule) -> dict:
+    data.model_inputs = model_inputs(module)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def _loss_and_gradients(module: AlignmentModule, batch: dict) -> tuple[float, dict]:
+    """The training loss of ``batch`` and the gradient of every parameter that gets one.
+
+    Evaluation mode (dropout off) so both paths compute the same function; autograd stays on.
+    """
+    module.eval()
+    module.zero_grad()
+    loss = module.training_step(batch, 0)["loss"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+@pytest.mark.slow
+def test_the_cached_prefix_gives_the_loss_and_gradients_of_the_recomputed_one(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    module = split_module(tiny_text_model)
+    cached = _first_batch(module, _data(tmp_path, cached=True))
+    raw = _first_batch(module, _data(tmp_path, cached=False))
+    assert torch.equal(cached["image_id"], raw["image_id"])
+    assert cached["image_features"].dtype == torch.float16
+    assert cached["image_features"].shape[1:] == module.image_tower.cached_shape
+    assert cached["text_features"].dim() == 3 and "images" not in cached
+
+    loss_cached, grads_cached = _loss_and_gradients(module, cached)
+    loss_raw, grads_raw = _loss_and_gradients(module, raw)
+    assert loss_cached == pytest.approx(loss_raw, rel=HALF_RTOL)
+    assert grads_cached.keys() == grads_raw.keys()
+    for name, grad in grads_raw.items():
+        scale = grad.abs().max().clamp_min(1e-8)
+        assert (grads_cached[name] - grad).abs().max() <= HALF_RTOL * scale, name
+
+
+def test_only_the_unlocked_top_and_the_heads_get_gradients(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    module = split_module(tiny_text_model)
+    _, grads = _loss_and_gradients(module, _first_batch(module, _data(tmp_path, cached=True)))
+    image, text = module.image_tower, module.text_tower
+    for tower, prefix in (("image_tower", image), ("text_tower", text)):
+        trained = {f"{tower}.backbone.{n}" for n in prefix.split.unlocked_parameters}
+        backbone = {n for n in grads if n.startswith(f"{tower}.backbone.")}
+        assert backbone and backbone <= trained, tower
+    locked = [
+        n for n, p in image.backbone.named_parameters() if n not in image.split.unlocked_parameters
+    ]
+    assert locked and all(not image.backbone.get_parameter(n).requires_grad for n in locked)
+    assert any(n.startswith("image_tower.projection") for n in grads)
+    assert any(n.startswith("text_tower.projection") for n in grads)
+
+    # The frozen prefix stays in evaluation mode while the top trains.
+    module.train()
+    for name in image.split.frozen_modules:
+        assert not image.backbone.get_submodule(name).training, name
+    for name in text.split.frozen_modules:
+        assert not text.backbone.get_submodule(name).training, name
+    assert image.backbone.get_submodule(image.split.boundary).training
+
+
+def test_cache_keys_follow_the_frozen_weights_and_the_cut_but_not_the_trained_top(
+    tiny_text_model: str,
+) -> None:
+    def keys(module: AlignmentModule) -> tuple[str, str]:
+        transform = module.image_transform()
+        return image_model_key(module.image_tower, transform), text_prefix_key(module.text_tower)
+
+    base = keys(split_module(tiny_text_model))
+    assert keys(split_module(tiny_text_model)) == base
+    image_other, _ = keys(split_module(tiny_text_model, seed=1))
+    assert image_other != base[0]  # other random image weights; the text model is loaded
+    deeper = tiny_module(tiny_text_model, image={"unlocked_blocks": 2}, text={"unlocked_layers": 1})
+    assert keys(deeper)[0] != base[0]
+
+    trained = split_module(tiny_text_model)
+    with torch.no_grad():
+        for name, p in trained.image_tower.backbone.named_parameters():
+            if name in trained.image_tower.split.unlocked_parameters:
+                p.add_(1.0)
+        for name, p in trained.text_tower.backbone.named_parameters():
+            if name in trained.text_tower.split.unlocked_parameters:
+                p.add_(1.0)
+    assert keys(trained) == base  # a resumed run finds its prefixes again
+    with torch.no_grad():
+        next(trained.text_tower.backbone.parameters()).add_(1.0)  # the embeddings: the prefix
+    assert keys(trained)[1] != base[1]
+
+    frozen = tiny_module(tiny_text_model, image={"freeze": True})
+    assert image_model_key(frozen.image_tower, frozen.image_transform()) != base[0]
+
+
+@pytest.mark.parametrize(
+    ("image", "text", "message"),
+    [
+        ({"unlocked_blocks": 9}, {}, "model.image_tower.unlocked_blocks=9"),
+        ({"unlocked_blocks": -1}, {}, "model.image_tower.unlocked_blocks=-1"),
+        ({"unlocked_blocks": "top"}, {}, "model.image_tower.unlocked_blocks='top'"),
+        ({"unlocked_blocks": 1, "freeze": True}, {}, "model.image_tower.freeze=true"),
+        ({}, {"unlocked_layers": 2}, "model.text_tower.unlocked_layers=2"),
+        ({}, {"unlocked_layers": 1, "freeze": True}, "model.text_tower.freeze=true"),
+    ],
+)
+def test_bad_unlock_settings_are_refused(
+    image: dict, text: dict, message: str, tiny_text_model: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(")):
+        tiny_module(tiny_text_model, image=image, text=text)
+
+
+def test_zero_is_frozen_and_all_is_full_training(tiny_text_model: str) -> None:
+    module = tiny_module(
+        tiny_text_model,
+        image={"unlocked_blocks": 0},
+        text={"unlocked_layers": "all"},
+    )
+    assert module.image_tower.frozen and module.image_tower.split is None
+    assert not module.text_tower.frozen and module.text_tower.split is None
+    inputs = model_inputs(module)
+    assert inputs.image_tower is module.image_tower and inputs.text_prefix is None
