@@ -3,6 +3,9 @@ the cache exactly as from recomputed prefixes (loss and gradients), also resumed
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,8 +20,11 @@ from adaptalign.datamodules.datasets import text_features
 from adaptalign.datamodules.feature_cache import FeatureCache
 from adaptalign.datamodules.frozen_features import image_model_key, text_prefix_key
 from adaptalign.datamodules.generated import GeneratedConfig
+from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.lightning_modules.system import AlignmentModule
-from tests.helpers.builders import tiny_module
+from tests.helpers.builders import quiet_trainer, tiny_module
+
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 # fp16 keeps 11 significant bits: a stored prefix value is off by at most 2^-11 of itself. Through
 # the unlocked top and the head this moved the tiny system's loss by 6e-6 and each parameter's
@@ -262,3 +268,133 @@ def test_zero_is_frozen_and_all_is_full_training(tiny_text_model: str) -> None:
     assert not module.text_tower.frozen and module.text_tower.split is None
     inputs = model_inputs(module)
     assert inputs.image_tower is module.image_tower and inputs.text_prefix is None
+
+
+@pytest.mark.slow
+def test_noisy_items_get_their_own_cached_prefixes(tiny_text_model: str, tmp_path: Path) -> None:
+    module = split_module(tiny_text_model)
+    noise = NoiseConfig(caption_rate=0.5, image_rate=0.5)
+    clean = _data(tmp_path, cached=True)
+    clean.model_inputs = model_inputs(module)
+    clean.setup("fit")
+    noisy = _data(tmp_path, cached=True, eval_noise=noise)
+    noisy.model_inputs = model_inputs(module)
+    noisy.setup("fit")
+    clean_batch, noisy_batch = (
+        next(iter(clean.val_dataloader())),
+        next(iter(noisy.val_dataloader())),
+    )
+    assert torch.equal(clean_batch["image_id"], noisy_batch["image_id"])
+    assert not torch.equal(clean_batch["image_features"], noisy_batch["image_features"])
+    assert clean_batch["texts"] != noisy_batch["texts"]
+
+    # Each noisy row is the prefix of the noisy input, read back from the cache on a second pass.
+    raw = _data(tmp_path, cached=False, eval_noise=noise)
+    raw.model_inputs = model_inputs(module)
+    raw.setup("fit")
+    images = next(iter(raw.val_dataloader()))["images"]
+    module.eval()
+    direct = module.image_tower.frozen_features(images)
+    assert torch.allclose(noisy_batch["image_features"].float(), direct, rtol=2e-3, atol=1e-3)
+    again = _data(tmp_path, cached=True, eval_noise=noise)
+    again.model_inputs = model_inputs(module)
+    again.setup("fit")
+    assert torch.equal(
+        next(iter(again.val_dataloader()))["image_features"], noisy_batch["image_features"]
+    )
+
+
+@pytest.mark.slow
+def test_augmented_training_images_recompute_the_prefix_and_evaluation_reads_the_cache(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    module = tiny_module(
+        tiny_text_model, image={"unlocked_blocks": 1, "augment": True}, text={"freeze": True}
+    )
+    data = _data(tmp_path, cached=True)
+    with pytest.warns(UserWarning, match=r"augment=true: .* frozen prefix \(below layer4\)"):
+        quiet_trainer(max_epochs=1, default_root_dir=tmp_path).fit(module, data)
+    train = next(iter(data.train_dataloader()))
+    assert "images" in train and "image_features" not in train and "text_features" in train
+    assert "image_features" in next(iter(data.val_dataloader()))
+    # Augmentation is random: the same image comes out differently on another draw.
+    dataset = data.train_dataloader().dataset
+    assert not torch.equal(dataset[0]["images"], dataset[0]["images"])
+
+
+@pytest.mark.ddp
+def test_ddp_and_bf16_train_the_top_over_prefixes_one_process_extracted(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    """`adaptalign fit` on 2 CPU processes in bf16: one process fills the prefix cache, both
+    train from it, and between epochs only the unlocked top and the heads change."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTALIGN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaptalign",
+            "fit",
+            "--config",
+            str(TINY),
+            f"--model.text_tower.model_name={tiny_text_model}",
+            "--model.image_tower.unlocked_blocks=1",
+            "--model.text_tower.unlocked_layers=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_epochs=2",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / 'epochs'}",
+            "--trainer.callbacks.every_n_train_steps=1",  # 1 step an epoch on 2 processes
+            "--trainer.callbacks.save_top_k=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if "to compute" in line]
+    assert sum("image prefix below layer4" in line for line in said) == 2  # train, val: once each
+    assert sum("text prefix below layer 1 of 1" in line for line in said) == 2
+    assert list((tmp_path / "cache" / "features" / "text_prefix").rglob("chunk-*.pt"))
+
+    first, second = (
+        torch.load(path, weights_only=False)["state_dict"]
+        for path in sorted((tmp_path / "epochs").glob("epoch=*.ckpt"))
+    )
+    module = tiny_module(tiny_text_model, image={"unlocked_blocks": 1}, text={"unlocked_layers": 1})
+    unlocked = {
+        f"{tower}.backbone.{name}"
+        for tower in ("image_tower", "text_tower")
+        for name in getattr(module, tower).split.unlocked_parameters
+    }
+    changed = {k for k in second if not torch.equal(first[k], second[k])}
+    assert changed, "nothing trained"
+    for key in changed:
+        assert (
+            key in unlocked
+            or ".projection." in key
+            or key == "log_scale"
+            or (
+                key.startswith("image_tower.backbone.layer4.")  # running statistics of the top
+            )
+        ), key
+    assert any(key in unlocked for key in changed)
+
+
+def test_filling_the_cache_draws_nothing_from_the_global_generator(
+    tiny_text_model: str, tmp_path: Path
+) -> None:
+    """Else a run that fills the cache would draw its dropout differently from one reading it."""
+    module = split_module(tiny_text_model)
+    data = _data(tmp_path, cached=True)
+    data.model_inputs = model_inputs(module)
+    data.setup("fit")
+    before = torch.get_rng_state()
+    data.train_dataloader()  # extracts the training split's prefixes
+    assert list((tmp_path / "features" / "image").rglob("chunk-*.pt"))
+    assert torch.equal(torch.get_rng_state(), before)

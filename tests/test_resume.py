@@ -253,8 +253,17 @@ def test_every_process_resumes_with_its_own_generator_states(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------ killed and resumed runs
+# The top image stage and the text layer trained over cached frozen prefixes.
+UNLOCKED = ["--model.image_tower.unlocked_blocks=1", "--model.text_tower.unlocked_layers=1"]
+
+
 def fit_args(
-    text_model: str, root: Path, cache: Path, overlay: list[str] | None, workers: int
+    text_model: str,
+    root: Path,
+    cache: Path,
+    overlay: list[str] | None,
+    workers: int,
+    extra: list[str] | None = None,
 ) -> list:
     """A two-epoch tiny run that checkpoints every step into ``root/steps``."""
     return [
@@ -262,6 +271,7 @@ def fit_args(
         "--config",
         TINY,
         *(arg for layer in overlay or () for arg in ("--config", layer)),
+        *(extra or ()),
         f"--model.text_tower.model_name={text_model}",
         *(
             [f"--data.clusters.text_model={text_model}", "--data.clusters.num_clusters=4"]
@@ -305,20 +315,28 @@ def assert_same(a: object, b: object, where: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("overlay", "workers"),
-    [(None, 1), (COMBINED_METHODS, 0)],
-    ids=["random-sampler-1-worker", "combined-methods-curriculum"],
+    ("overlay", "workers", "extra"),
+    [(None, 1, None), (COMBINED_METHODS, 0, None), (COMBINED_METHODS, 0, UNLOCKED)],
+    ids=[
+        "random-sampler-1-worker",
+        "combined-methods-curriculum",
+        "combined-methods-unlocked-tops-over-cached-prefixes",
+    ],
 )
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_exactly(
-    overlay: list[str] | None, workers: int, tiny_text_model: str, tmp_path: Path
+    overlay: list[str] | None,
+    workers: int,
+    extra: list[str] | None,
+    tiny_text_model: str,
+    tmp_path: Path,
 ) -> None:
     cache = tmp_path / "cache"
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    main(fit_args(tiny_text_model, whole, cache, overlay, workers))  # the uninterrupted run
+    main(fit_args(tiny_text_model, whole, cache, overlay, workers, extra))  # uninterrupted
 
     # 3 batches an epoch: killed after step 4, one batch into the second epoch
-    args = fit_args(tiny_text_model, killed, cache, overlay, workers)
+    args = fit_args(tiny_text_model, killed, cache, overlay, workers, extra)
     killer = ["--trainer.callbacks+=tests.helpers.killer.KillAt", "--trainer.callbacks.step=4"]
     died = command_line([*args, *killer])
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]

@@ -28,7 +28,12 @@ def model_inputs(system: L.LightningModule) -> ModelInputs:
         image_tower=image_tower if _has_frozen_part(image_tower) else None,
         text_backbone=text_tower.backbone if text_frozen else None,
         text_prefix=text_tower if _has_frozen_part(text_tower) and not text_frozen else None,
+        train_transform=make(True) if callable(make) and _augments(image_tower) else None,
     )
+
+
+def _augments(tower: object) -> bool:
+    return bool(getattr(getattr(tower, "config", None), "augment", False))
 
 
 def _has_frozen_part(tower: object) -> bool:

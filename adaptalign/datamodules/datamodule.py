@@ -9,12 +9,13 @@ normalisation; a frozen tower's features come from the on-disk feature cache.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from adaptalign.common.errors import ConfigurationError, DatasetFormatError
@@ -236,11 +237,20 @@ class AlignmentDataModule(L.LightningDataModule):
         return ModelInputs(default_transform())
 
     def _frozen_features(
-        self, records: list[Record], image_noise: NoiseConfig | None
+        self, records: list[Record], image_noise: NoiseConfig | None, training: bool = False
     ) -> FrozenFeatures | None:
         """Frozen towers' features of ``records`` (noisy ones with ``image_noise``), computed by
-        process 0 for the items the cache lacks."""
+        process 0 for the items the cache lacks; augmented training images are left raw."""
         inputs = self._model_inputs()
+        if training and inputs.train_transform is not None and inputs.image_tower is not None:
+            cut = inputs.image_tower.cut
+            what = f"frozen prefix (below {cut})" if cut else "frozen features"
+            rank_zero_warn(
+                f"model.image_tower.augment=true: augmented training images differ every epoch, "
+                f"so the image tower's {what} cannot be cached for them and is recomputed at "
+                "every training step; evaluation still reads the cache"
+            )
+            inputs = replace(inputs, image_tower=None)
         towers = (inputs.image_tower, inputs.text_backbone, inputs.text_prefix)
         if not self.feature_cache or all(tower is None for tower in towers):
             return None
@@ -266,7 +276,7 @@ class AlignmentDataModule(L.LightningDataModule):
             rank_zero_info(f"{split} split with noise {noise}")
         key = (split, repr(noise))
         if key not in self._features:
-            self._features[key] = self._frozen_features(records, noise)
+            self._features[key] = self._frozen_features(records, noise, split == "train")
         return records, self._features[key], noise
 
     # ------------------------------------------------------------------------ loaders
@@ -283,9 +293,10 @@ class AlignmentDataModule(L.LightningDataModule):
                 f"the train split has {len(records)} images, fewer than one global batch "
                 f"(data.batch_size={self.batch_size} x {world} processes)"
             )
+        inputs = self._model_inputs()
         dataset = TrainPairs(
             records,
-            self._model_inputs().transform,
+            inputs.train_transform or inputs.transform,
             seed=self.seed,
             features=features,
             clusters=self.caption_clusters,

@@ -47,6 +47,7 @@ from adaptalign.datamodules.model_inputs import FeatureTower, ModelInputs, TextP
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.encoders.length_sorted import length_batches, token_lengths
+from adaptalign.encoders.text_models import sentence_width
 
 # Rows per forward pass (part of the model key, since they shape the last bits of every row).
 IMAGE_BATCH = 64
@@ -139,8 +140,13 @@ def encode_images(
     noise: NoiseConfig | None = None,
 ) -> Batches:
     """``(positions in records, features)`` batches of the tower's backbone features."""
+    # A generator of its own: drawing the loader's seed from the global one would make a run
+    # that fills the cache draw differently afterwards (dropout, ...) from one that reads it.
     loader = DataLoader(
-        _Images(records, transform, noise), batch_size=IMAGE_BATCH, num_workers=num_workers
+        _Images(records, transform, noise),
+        batch_size=IMAGE_BATCH,
+        num_workers=num_workers,
+        generator=torch.Generator(),
     )
     device = next(iter(tower.frozen_state().values())).device
     start = 0
@@ -260,7 +266,7 @@ def caption_features(
     if cache is None:
         return _uncached(captions, compute)
     key = text_model_key(backbone)
-    row = int(backbone.get_sentence_embedding_dimension()) * 4
+    row = sentence_width(backbone) * 4
     storage = Storage(desc, "caption", lambda _: row, "model.text_tower.unlocked_layers")
     report = storage.reporter(progress, cache.folder("text", key))
     keys = [caption_key(c) for c in captions]

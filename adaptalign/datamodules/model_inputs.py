@@ -79,9 +79,12 @@ class ModelInputs:
         text_backbone: the text tower's sentence-transformers model when it is frozen, else
             ``None``.
         text_prefix: the text tower's frozen prefix when its top layers train, else ``None``.
+        train_transform: the training images' preprocessing when it augments them, else ``None``
+            (training uses ``transform``); augmented images are never served from the cache.
     """
 
     transform: Transform
     image_tower: FeatureTower | None = None
     text_backbone: nn.Module | None = None
     text_prefix: TextPrefix | None = None
+    train_transform: Transform | None = None

@@ -68,3 +68,9 @@ def load_text_model(
         ) from exc
     model.max_seq_length = max_length
     return model
+
+
+def sentence_width(model: nn.Module) -> int:
+    """The sentence embedding's width (sentence-transformers 6 renamed the method)."""
+    width = getattr(model, "get_embedding_dimension", None)
+    return int((width or model.get_sentence_embedding_dimension)())

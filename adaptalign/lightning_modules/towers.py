@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.hub import hub_unreachable
 from adaptalign.encoders.length_sorted import encode_by_length
-from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model
+from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model, sentence_width
 from adaptalign.encoders.text_split import TextSplit
 from adaptalign.lightning_modules.heads import LINEAR, HeadSpec
 from adaptalign.lightning_modules.image_split import ImageSplit, split_image_model
@@ -51,6 +51,11 @@ class ImageTowerConfig:
     ``unlocked_blocks``: how many of the model's top blocks train (timm's coarse grouping: the
     stages of a CNN, the blocks of a ViT; the final norm / head layers train with them); ``0`` is
     ``freeze: true``, ``"all"`` trains everything. Unset, ``freeze`` decides.
+
+    ``augment``: timm's training augmentation for the model (random resized crop, flip, colour
+    jitter) on training images. Augmented images differ every epoch, so a frozen part's output
+    cannot be cached for them: training then recomputes it at every step (evaluation still reads
+    the cache).
     """
 
     model_name: str = "resnet18"
@@ -58,6 +63,7 @@ class ImageTowerConfig:
     checkpoint_path: str | None = None
     freeze: bool = False
     unlocked_blocks: int | Literal["all"] | None = None
+    augment: bool = False
     image_size: int | None = None
     model_kwargs: dict = field(default_factory=dict)
 
@@ -368,8 +374,9 @@ class ImageTower(_Tower):
         return None
 
     def transform(self, training: bool = False) -> Callable:
-        """timm's preprocessing for this model; no random augmentation unless asked for."""
-        return create_transform(**self.data_config, is_training=training)
+        """timm's preprocessing for this model; random augmentation only for training images
+        when ``augment`` asks for it."""
+        return create_transform(**self.data_config, is_training=training and self.config.augment)
 
     @property
     def cached_shape(self) -> tuple[int, ...]:
@@ -435,11 +442,7 @@ class TextTower(_Tower):
             # Loaded models come in eval mode and Lightning keeps each module's mode as built:
             # a tower that trains must train with its dropout on (a frozen prefix stays in eval).
             self.train()
-        dimension = (
-            getattr(self.backbone, "get_embedding_dimension", None)
-            or self.backbone.get_sentence_embedding_dimension
-        )
-        self.feature_dim = int(dimension())
+        self.feature_dim = sentence_width(self.backbone)
         self.projection = head.build(self.feature_dim, embed_dim)
         # A frozen encoder maps a caption to the same features every epoch: remember them.
         self._memo: dict[str, Tensor] = {}
