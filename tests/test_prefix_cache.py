@@ -398,3 +398,24 @@ def test_filling_the_cache_draws_nothing_from_the_global_generator(
     data.train_dataloader()  # extracts the training split's prefixes
     assert list((tmp_path / "features" / "image").rglob("chunk-*.pt"))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_cached_caption_rows_go_through_the_top_in_length_sorted_chunks(
+    tiny_text_model: str,
+) -> None:
+    """Chunks of similar lengths, each cut to its longest row, give each caption's embedding in
+    its place, as one padded forward does."""
+    captions = ["a red circle", "a blue star left of a green square", "a star", "red", "a circle"]
+    whole = tiny_module(tiny_text_model, text={"unlocked_layers": 1, "chunk_size": None})
+    chunked = tiny_module(tiny_text_model, text={"unlocked_layers": 1, "chunk_size": 2})
+    chunked.load_state_dict(whole.state_dict())
+    rows = [whole.text_tower.frozen_hidden([c])[0][0] for c in captions]
+    batch = text_features(rows)
+    whole.eval()
+    chunked.eval()
+    with torch.no_grad():
+        expected = whole.text_tower.from_cached(batch["text_features"], batch["text_features_mask"])
+        got = chunked.text_tower.from_cached(batch["text_features"], batch["text_features_mask"])
+    assert len({row.shape[0] for row in rows}) > 2
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # distinct rows, each in its place

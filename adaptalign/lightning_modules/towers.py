@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.hub import hub_unreachable
-from adaptalign.encoders.length_sorted import encode_by_length
+from adaptalign.encoders.length_sorted import encode_by_length, padded_by_length
 from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model, sentence_width
 from adaptalign.encoders.text_split import TextSplit
 from adaptalign.lightning_modules.heads import LINEAR, HeadSpec
@@ -515,7 +515,12 @@ class TextTower(_Tower):
         if mask is not None:
             if self.split is None:
                 raise ValueError("prefix hidden states reach only a split text tower")
-            rows = self.split.suffix(rows, mask.to(rows.device))
+            mask = mask.to(rows.device)
+            size = self.config.chunk_size
+            if size is None or rows.shape[0] <= size:
+                rows = self.split.suffix(rows, mask)
+            else:
+                rows = padded_by_length(rows, mask, size, self.split.suffix)
         return self.projection(rows)
 
     def features(self, texts: Sequence[str]) -> Tensor:
