@@ -84,6 +84,55 @@ def test_feature_cache(load, monkeypatch, capsys, uncached: float, status: int) 
     assert ("Overall: FAIL (missed: speed-up >= 20x)" in printed) == bool(status)
 
 
+FAST = {"image": 12.0, "text": 1.5, "both": 11.0}
+
+
+@pytest.mark.parametrize(
+    ("ratios", "epoch_drift", "first_drift", "missed"),
+    [
+        (FAST, 0.0, 0.0, None),
+        # The text tower's epochs draw other dropout on the two routes: judged on the first batch.
+        (FAST, 0.05, 0.0, "image same result"),
+        ({"image": 9.0, "text": 1.2, "both": 10.5}, 0.0, 0.0, "image >= 10x; text >= 1.3x"),
+        (FAST, 0.0, 0.02, "text same result; both same result"),
+    ],
+)
+def test_prefix_cache(
+    load,
+    monkeypatch,
+    capsys,
+    ratios: dict[str, float],
+    epoch_drift: float,
+    first_drift: float,
+    missed: str | None,
+) -> None:
+    """Each child process is replaced by fixed epoch times, losses and cache sizes."""
+    bench = load("bench_prefix_cache")
+
+    def child(args, mode: str, side: str) -> dict:
+        if side == "fill":
+            return {"seconds": 0.5, "disk_bytes": 2.0e7, "row_bytes": 1.0e7, "where": "features"}
+        factor = 1.0 if side == "cached" else 1.0 + epoch_drift
+        return {
+            "seconds": 1.0 if side == "cached" else ratios[mode],
+            "losses": [5.0 * factor, 4.0 * factor],
+            "steps": [0.6, 0.4] if side == "cached" else [ratios[mode] / 2] * 2,
+            "first_loss": 5.0 if side == "cached" else 5.0 * (1.0 + first_drift),
+            "peak_rss": 2.0e9,
+        }
+
+    monkeypatch.setattr(bench, "measure_in_child", child)
+    assert bench.main(THREADS) == (1 if missed else 0)
+    printed = capsys.readouterr().out
+    assert f"ratio recomputed / cached {ratios['image']:.2f}x (goal >= 10x" in printed
+    assert "a compute bound of (4 + 2x3) / (2x3) = 1.67x" in printed
+    assert "cache: 20.0 MB on disk (features); rows read 10.0 MB" in printed
+    assert "cached     epoch    1.00 s (first step 0.60 s, then 0.40 s/step)" in printed
+    assert ("Overall: PASS" in printed) == (missed is None)
+    if missed:
+        assert f"Overall: FAIL (missed: {missed}" in printed
+
+
 @pytest.mark.parametrize(("seconds", "status"), [(301.0, 1), (186.0, 0)])
 def test_quickstart(load, monkeypatch, capsys, seconds: float, status: int) -> None:
     bench = load("bench_quickstart")
@@ -145,6 +194,7 @@ def test_every_benchmark_with_a_goal_exits_with_its_verdict() -> None:
         "bench_callbacks",
         "bench_clustering",
         "bench_feature_cache",
+        "bench_prefix_cache",
         "bench_quickstart",
         "bench_retrieval",
         "bench_train_step",
