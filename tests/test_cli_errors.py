@@ -235,3 +235,21 @@ def test_setting_keys_follow_init_args_and_lists() -> None:
         "trainer.callbacks.class_path",
         "trainer.callbacks.alpha",
     }
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (
+            "--model.image_tower.unlocked_blocks=7",
+            "model.image_tower.unlocked_blocks=7: test_resnet has 4 blocks",
+        ),
+        ("--model.text_tower.unlocked_layers=3", "model.text_tower.unlocked_layers=3: "),
+        ("--model.image_tower.unlocked_blocks=-2", "model.image_tower.unlocked_blocks=-2; "),
+    ],
+)
+def test_unlock_settings_the_towers_cannot_take_are_one_line(
+    option: str, expected: str, tiny_text_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["fit", "--config", TINY, f"--model.text_tower.model_name={tiny_text_model}", option]
+    assert error_line(args, capsys).startswith(expected)
