@@ -3,7 +3,8 @@
 ``fit`` ends with the last and the best validation (by ``val/rsum``) side by side, the checkpoint
 files and the log folder, instead of a progress bar. ``validate`` and ``test`` print their metrics
 with two decimals (Lightning's own table, which prints ``96.4000015258789``, is turned off by the
-command line's ``--verbose false`` default).
+command line's ``--verbose false`` default). A ``fit`` followed by the report split's evaluation
+(``data.selection_images``) prints its table when that ends, with the report beside the validations.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from adaptalign.callbacks.run_summary import best_entry
 from adaptalign.lightning_modules.metric_names import RSUM
 
 FIRST = RSUM  # the sum of all R@K, which checkpoints are selected by, heads every table
+# The end of fit's report while it waits for the report split's evaluation.
+Pending = tuple[list[str], dict[str, dict[str, float]], list[str], dict[str, int]]
 
 
 def metrics(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
@@ -54,6 +57,11 @@ def without_epoch(entry: Mapping[str, Any]) -> dict[str, float]:
     return {key: value for key, value in entry.items() if key != "epoch"}
 
 
+def unprefixed(values: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """``val/rsum`` as ``rsum``: columns of two splits share their rows."""
+    return {key.removeprefix(prefix): value for key, value in values.items()}
+
+
 def checkpoint_lines(trainer: L.Trainer) -> list[str]:
     """``best by val/rsum: path`` and ``last: path`` for every checkpoint callback that saved."""
     lines = []
@@ -74,6 +82,11 @@ class FinalReport(L.Callback):
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
+        # Set by the command line when the report split's evaluation follows fit; the end of
+        # fit's report waits for it: lines above the table, its columns, lines below, and the
+        # epochs of the best and the last validation.
+        self.report_follows = False
+        self.pending: Pending | None = None
 
     # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
     # module's, where the retrieval metrics are computed and logged.
@@ -88,8 +101,29 @@ class FinalReport(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         found = metrics(trainer.callback_metrics, "test/")
-        if trainer.is_global_zero and found:
+        if self.pending is not None:
+            head, columns, tail, epochs = self.pending
+            self.pending = None
+            # the best checkpoint by val/rsum was loaded; without one, the model fit left
+            epoch = epochs.get("best" if trainer.ckpt_path else "last", "?")
+            columns = {
+                **{f"val, {name}": unprefixed(c, "val/") for name, c in columns.items()},
+                f"test, report (epoch {epoch})": unprefixed(found, "test/"),
+            }
+            head = [*head, "selected on val (the selection split), reported once on test:"]
+            if trainer.is_global_zero:
+                print("\n".join([*head, table(columns), *tail]))
+        elif trainer.is_global_zero and found:
             print(f"test results\n{table({'value': found})}")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """A failed report evaluation still shows what fit printed at its end."""
+        if self.pending is not None and trainer.is_global_zero:
+            head, columns, tail, _ = self.pending
+            print("\n".join([*head, *([table(columns)] if columns else []), *tail]))
+        self.pending = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # on every rank: Lightning broadcasts it
@@ -97,6 +131,8 @@ class FinalReport(L.Callback):
             return
         epochs, steps = trainer.current_epoch, trainer.global_step
         lines = [f"fit ended after {plural(epochs, 'epoch')} ({plural(steps, 'step')})"]
+        columns: dict[str, dict[str, float]] = {}
+        epochs: dict[str, int] = {}
         if self.history:
             last = self.history[-1]
             best = best_entry(self.history, key=f"val/{FIRST}") or last
@@ -104,13 +140,17 @@ class FinalReport(L.Callback):
                 f"last (epoch {last['epoch']})": without_epoch(last),
                 f"best (epoch {best['epoch']})": without_epoch(best),
             }
-            lines.append(table(columns))
+            epochs = {"best": best["epoch"], "last": last["epoch"]}
+        tail: list[str] = []
         checkpoints = checkpoint_lines(trainer)
         if checkpoints:
-            lines += ["checkpoints:", *checkpoints]
+            tail += ["checkpoints:", *checkpoints]
         if log_dir:  # none under fast_dev_run
-            lines.append(f"logs and config: {log_dir}")
-        print("\n".join(lines))
+            tail.append(f"logs and config: {log_dir}")
+        if self.report_follows:
+            self.pending = (lines, columns, tail, epochs)
+            return
+        print("\n".join([*lines, *([table(columns)] if columns else []), *tail]))
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}

@@ -8,6 +8,10 @@ its writing, and each attempt that ends (finished, or stopped by an error or Ctr
 total in a clock file beside the summary, so an attempt that resumes from a checkpoint also counts
 what the previous attempt spent after writing it. Only an attempt killed outright loses the time
 since its last checkpoint.
+
+A run with a selection split (``data.selection_images``) selects on ``val`` and is reported on
+``test``: the command line evaluates the selected checkpoint once on the report split after fit,
+and the summary, then written, carries that evaluation under ``report``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from adaptalign.common.atomic_files import atomic_save
 from adaptalign.lightning_modules.metric_names import RSUM
 
 PREFIX = "val/"
+REPORT_PREFIX = "test/"
 # The clock ``wall_seconds`` counts with (tests replace it, so no result depends on timing).
 clock = time.monotonic
 
@@ -39,6 +44,32 @@ def best_entry(history: list[dict[str, Any]], key: str = RSUM) -> dict[str, Any]
     return max(scored, key=lambda entry: entry[key])  # max keeps the first of equal values
 
 
+def report_entry(
+    summary: dict[str, Any], trainer: L.Trainer, splits: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The report split's metrics, the split they are on and the epoch selected on ``val``.
+
+    The checkpoint ``test`` loaded is the best by ``val/rsum`` (the epoch of ``best``); without
+    one, the model as fit left it was evaluated (the epoch of ``last``).
+    """
+    checkpoint = trainer.ckpt_path
+    selected = (summary["best"] if checkpoint else summary["last"]) or {}
+    entry: dict[str, Any] = {
+        "split": "test",
+        "selected_on": "val",
+        "selected_by": f"best {PREFIX}{RSUM}" if checkpoint else "last epoch",
+        "epoch": selected.get("epoch"),
+        "step": selected.get("step"),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    if splits is not None:
+        entry["splits"] = splits
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith(REPORT_PREFIX):
+            entry[key[len(REPORT_PREFIX) :]] = float(value)
+    return entry
+
+
 class RunSummary(L.Callback):
     """Records every validation of ``fit`` and writes ``best``, ``last`` and ``history`` at its end.
 
@@ -46,6 +77,9 @@ class RunSummary(L.Callback):
     split itself, so it is an optimistic (dev) figure. The history travels in checkpoints, so a run
     resumed from one still writes a complete summary; ``wall_seconds`` adds up across resumptions
     (see the module's docstring), with the help of ``<summary>.clock.json`` beside the summary.
+    With ``report_follows`` (set by the command line when fit is followed by the report split's
+    evaluation) the summary is kept at the end of fit and written, with ``report``, when that
+    evaluation ends, so a run is finished only once it has been reported.
 
     Args:
         output_path: the JSON file to write (its folder is created).
@@ -59,6 +93,11 @@ class RunSummary(L.Callback):
         # Names the chain of attempts that continue one another, so a clock file left by another
         # run at the same path is never added in.
         self.run_id: str | None = None
+        self.report_follows = False
+        # The summary as fit left it, and the clock then, while the report evaluation runs: that
+        # evaluation restores the selected checkpoint's callback states, history included.
+        self.fitted: dict[str, Any] | None = None
+        self.fit_ended: float = 0.0
 
     @property
     def clock_path(self) -> Path:
@@ -107,6 +146,23 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero:
             return
         summary = self.summary(trainer)
+        if self.report_follows:
+            self.fitted, self.fit_ended = summary, clock()
+            return
+        self._write(summary)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The report split's evaluation after fit: the summary is written now, with it."""
+        if self.fitted is None or not trainer.is_global_zero:
+            return
+        summary, self.fitted = self.fitted, None
+        selection = getattr(trainer.datamodule, "selection", None)
+        splits = selection.as_dict() if selection is not None else None
+        summary["report"] = report_entry(summary, trainer, splits)
+        summary["wall_seconds"] = round(summary["wall_seconds"] + clock() - self.fit_ended, 3)
+        self._write(summary)
+
+    def _write(self, summary: dict[str, Any]) -> None:
         # Written whole or not at all: a half-written summary would mark a run as finished.
         atomic_save(self.output_path, json.dumps(summary, indent=2) + "\n")
         self._record_clock(summary["wall_seconds"])
@@ -114,7 +170,11 @@ class RunSummary(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if trainer.is_global_zero and self.started is not None:
+        if not trainer.is_global_zero:
+            return
+        if self.fitted is not None:  # the report evaluation failed; fit's time still counts
+            self._record_clock(self.fitted["wall_seconds"] + clock() - self.fit_ended)
+        elif self.started is not None:
             self._record_clock(self.wall_seconds())
 
     def _record_clock(self, seconds: float) -> None:

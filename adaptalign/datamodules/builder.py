@@ -37,6 +37,7 @@ from adaptalign.datamodules.ontology import (
     load_image_tags,
 )
 from adaptalign.datamodules.records import Record
+from adaptalign.datamodules.selection import Selection, carve_selection
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 
 Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco"]
@@ -59,6 +60,7 @@ class SplitSettings:
     generated: GeneratedConfig = field(default_factory=GeneratedConfig)
     cache_dir: str | None = None
     train_images: int | float | None = None
+    selection_images: int | float | None = None
     captions_per_image: int | None = None
     verify_images: bool = False
     skip_bad_images: bool = False
@@ -69,12 +71,14 @@ class SplitSettings:
 
 @dataclass
 class Splits:
-    """What ``setup`` keeps: every record read and checked, the splits, the captions' clusters."""
+    """What ``setup`` keeps: every record read and checked, the splits, the captions' clusters,
+    and the selection split carved from train (``None`` unless ``selection_images`` is set)."""
 
     source: str
     records: list[Record]
     splits: dict[str, list[Record]]
     caption_clusters: CaptionClusters | None = None
+    selection: Selection | None = None
 
 
 def feature_cache(cache_dir: str | None) -> FeatureCache:
@@ -98,6 +102,9 @@ def build_splits(settings: SplitSettings, summarise: bool = True) -> Splits:
     """Read and check the records, then split, subset and enrich them.
 
     ``summarise`` logs the object tags' and the clusters' summaries (once per run is enough).
+    With ``selection_images`` the records are relabelled first (see
+    :mod:`~adaptalign.datamodules.selection`), so the subset, the tags and the clusters see the
+    train split that remains.
     """
     paths = annotation_paths(settings)
     source = ", ".join(str(p) for p in paths)
@@ -112,8 +119,22 @@ def build_splits(settings: SplitSettings, summarise: bool = True) -> Splits:
     records = check_images(
         records, decode=settings.verify_images, skip_bad=settings.skip_bad_images, source=source
     )
+    selection = None
+    if settings.selection_images is not None:
+        records, selection = carve_selection(
+            records, settings.selection_images, settings.split_seed, source
+        )
+        if summarise:
+            rank_zero_info(selection.describe())
     splits = {name: [r for r in records if r.split == name] for name in SPLITS}
-    train = nested_subset(splits["train"], settings.train_images, settings.seed)
+    try:
+        train = nested_subset(splits["train"], settings.train_images, settings.seed)
+    except ConfigurationError as exc:
+        if selection is None:
+            raise
+        raise ConfigurationError(
+            f"{exc} (what remains after data.selection_images took {selection.selection_images})"
+        ) from exc
     splits["train"] = cap_captions(train, settings.captions_per_image)
     if settings.ontology is not None:
         splits["train"] = tag_objects(splits["train"], settings.ontology, summarise)
@@ -127,7 +148,7 @@ def build_splits(settings: SplitSettings, summarise: bool = True) -> Splits:
             feature_cache(settings.cache_dir),
             summarise,
         )
-    return Splits(source, records, splits, clusters)
+    return Splits(source, records, splits, clusters, selection)
 
 
 def tag_objects(

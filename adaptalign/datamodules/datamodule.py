@@ -43,6 +43,7 @@ from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.ontology import OntologyConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.datamodules.resumable import ResumableDataLoader
+from adaptalign.datamodules.selection import Selection
 
 Split = Literal["train", "val", "test"]
 
@@ -63,6 +64,14 @@ class AlignmentDataModule(L.LightningDataModule):
             ``$ADAPTALIGN_CACHE`` or ``~/.cache/adaptalign``).
         train_images: a low-data subset: a count or a fraction of the train split, nested across
             sizes for one seed; ``captions_per_image`` caps each training image's captions.
+        selection_images: select apart from reporting, for data sets with train and val (dev)
+            splits only (Flickr8k as distributed): this many train images (a count, or a
+            fraction of train) become the ``val`` split that fit validates on, checkpoints and
+            early stopping select on; the data set's own val split becomes ``test``, the report
+            split, evaluated once on the selected checkpoint after ``fit``. The carve is seeded
+            by ``split_seed`` only, so it is the same for every ``seed``, method and
+            ``train_images``, whose subsets come from the rest of train. A data set that already
+            has a test split is refused: it selects on val and reports on test without this.
         verify_images: fully decode every image once before training (finds truncated files).
         skip_bad_images: leave out missing or unreadable images (logged) instead of failing.
         feature_cache: serve frozen towers' features from the cache instead of raw inputs.
@@ -105,6 +114,7 @@ class AlignmentDataModule(L.LightningDataModule):
         generated: GeneratedConfig | None = None,
         cache_dir: str | None = None,
         train_images: int | float | None = None,
+        selection_images: int | float | None = None,
         captions_per_image: int | None = None,
         verify_images: bool = False,
         skip_bad_images: bool = False,
@@ -136,6 +146,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.generated = generated or GeneratedConfig()
         self.cache_dir = cache_dir
         self.train_images = train_images
+        self.selection_images = selection_images
         self.captions_per_image = captions_per_image
         self.verify_images = verify_images
         self.skip_bad_images = skip_bad_images
@@ -155,6 +166,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.records: list[Record] = []
         self.splits: dict[str, list[Record]] = {}
         self.caption_clusters: CaptionClusters | None = None
+        self.selection: Selection | None = None  # the split carved by selection_images
         # The system's side, handed over by the ModelInputsLink callback when a trainer sets up.
         self.model_inputs: ModelInputs | None = None
         # Frozen towers' features per (split, noise settings), extracted when the split's loader
@@ -180,6 +192,7 @@ class AlignmentDataModule(L.LightningDataModule):
             generated=self.generated,
             cache_dir=self.cache_dir,
             train_images=self.train_images,
+            selection_images=self.selection_images,
             captions_per_image=self.captions_per_image,
             verify_images=self.verify_images,
             skip_bad_images=self.skip_bad_images,
@@ -210,6 +223,7 @@ class AlignmentDataModule(L.LightningDataModule):
         built = build_splits(self.split_settings())
         self.source, self.records = built.source, built.records
         self.caption_clusters = built.caption_clusters
+        self.selection = built.selection
         self.splits = built.splits
 
     @property

@@ -66,7 +66,8 @@ def validate_config(config: GeneratedConfig) -> None:
     rules = {
         "num_train": (lambda v: is_int(v) and v > 0, "a positive integer"),
         "num_val": (lambda v: is_int(v) and v > 0, "a positive integer"),
-        "num_test": (lambda v: is_int(v) and v > 0, "a positive integer"),
+        # 0: train and val only, like Flickr8k as distributed (see data.selection_images)
+        "num_test": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
         "image_size": (lambda v: is_int(v) and v >= 32, "an integer >= 32"),
         "max_objects": (lambda v: is_int(v) and 1 <= v <= 4, "an integer from 1 to 4"),
         "zipf_exponent": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),

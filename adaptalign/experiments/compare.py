@@ -7,7 +7,9 @@ single-seed comparison is available early.
 
 The report (``results.csv``, ``results.md``, ``results.png``) takes from each run its best
 validation by rsum. That is model selection on the validation split itself (a dev figure, slightly
-optimistic); the CSV also holds the last validation's rsum for comparison.
+optimistic); the CSV also holds the last validation's rsum for comparison. Runs with a selection
+split (``--override --data.selection_images=N``) are reported on the report split instead, and
+the table's header line says which split each number is on.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from adaptalign.common.arguments import CommandParser
 from adaptalign.common.atomic_files import atomic_save
-from adaptalign.experiments.compare_results import markdown_table, write_results
+from adaptalign.experiments.compare_results import markdown_table, splits_line, write_results
 from adaptalign.experiments.compare_runs import (
     Run,
     discover_runs,
@@ -124,7 +126,9 @@ def write_report(output: Path, runs: list[Run], names: Sequence[str] | None = No
         print(f"no finished runs under {output / 'runs'}; nothing to report", flush=True)
         return False
     groups = write_results(output, rows)
-    print(f"\n{markdown_table(groups)}", flush=True)
+    splits = splits_line(rows)
+    heading = f"\n{splits}:" if splits else ""  # which split the numbers are on
+    print(f"{heading}\n{markdown_table(groups)}", flush=True)
     print(f"wrote {output / 'results.csv'}, results.md and results.png ({len(rows)} runs)")
     return True
 

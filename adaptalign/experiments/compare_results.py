@@ -2,6 +2,10 @@
 
 Pure functions from rows (one per finished run) to statistics, text and image bytes, so each
 figure can be checked by hand; :func:`write_results` alone touches files, each written atomically.
+
+A run with a selection split (``data.selection_images``) contributes its report: the checkpoint
+selected on val (the selection split) evaluated once on test (the report split); its row says so
+in ``selected_on`` and ``reported_on``, and the table's header names the splits.
 """
 
 from __future__ import annotations
@@ -49,21 +53,47 @@ CSV_FIELDS = (
     "collapsed",
 )
 TABLE_METRICS = (*RECALLS, RSUM)
+# Columns added to the CSV when a run was reported on a split apart from its selection split.
+REPORT_FIELDS = ("selected_on", "reported_on", "selection_rsum")
+
+
+def split_words(splits: dict[str, Any]) -> tuple[str, str]:
+    """``val (selection split, 1000 images carved from train)`` and ``test (dev, 1000 images)``:
+    which split a report's run was selected on and reported on, from its summary's ``splits``."""
+    selected = (
+        f"{splits.get('selected_on', 'val')} (selection split, "
+        f"{splits.get('selection_images', '?')} images carved from "
+        f"{splits.get('carved_from', 'train')})"
+    )
+    reported = (
+        f"{splits.get('reported_on', 'test')} ({splits.get('report_source', 'dev')}, "
+        f"{splits.get('report_images', '?')} images)"
+    )
+    return selected, reported
 
 
 def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[str, Any]:
     """One CSV row from a run's ``summary.json``: its best validation by rsum, last rsum, time,
-    and whether its last epoch was flagged as collapsed (empty when the run did not watch)."""
+    and whether its last epoch was flagged as collapsed (empty when the run did not watch).
+
+    A summary with a ``report`` gives the report split's metrics instead, of the epoch selected
+    on the selection split (``best_epoch``), that epoch's selection rsum and the splits' names.
+    """
     best = summary.get("best") or {}
     last = summary.get("last") or {}
+    report = summary.get("report")
+    scored = report or best
     row: dict[str, Any] = {
         "name": name,
         "train_images": train_images,
         "seed": seed,
         "train_size": summary.get("train_size"),
-        "best_epoch": best.get("epoch"),
+        "best_epoch": scored.get("epoch"),
     }
-    row.update({metric: best.get(metric) for metric in METRICS})
+    row.update({metric: scored.get(metric) for metric in METRICS})
+    if report:
+        row["selected_on"], row["reported_on"] = split_words(report.get("splits") or {})
+        row["selection_rsum"] = best.get("rsum") if report.get("checkpoint") else last.get("rsum")
     row["last_epoch"] = last.get("epoch")
     row["last_rsum"] = last.get("rsum")
     row["wall_seconds"] = summary.get("wall_seconds")
@@ -183,7 +213,27 @@ def bucket_table(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_markdown(groups: Sequence[dict[str, Any]]) -> str:
+def splits_line(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Which split the numbers are on, when runs were reported apart from their selection split:
+    ``selected on val (...), reported on test (...)``; ``None`` when every run selected and
+    reported on val (the wording stays that of such comparisons). Runs that differ are counted."""
+    protocols: dict[str, int] = {}
+    for row in rows:
+        if row.get("reported_on"):
+            words = f"selected on {row['selected_on']}, reported on {row['reported_on']}"
+        else:
+            words = "selected and reported on val"
+        protocols[words] = protocols.get(words, 0) + 1
+    if set(protocols) <= {"selected and reported on val"}:
+        return None
+    if len(protocols) == 1:
+        return next(iter(protocols))
+    counted = "; ".join(f"{n} run{'' if n == 1 else 's'} {words}" for words, n in protocols.items())
+    return f"the runs differ in their splits: {counted}"
+
+
+def report_markdown(groups: Sequence[dict[str, Any]], splits: str | None = None) -> str:
+    """The report; ``splits`` (:func:`splits_line`) when runs were reported on their own split."""
     buckets = bucket_table(groups)
     if buckets:
         buckets = (
@@ -192,24 +242,38 @@ def report_markdown(groups: Sequence[dict[str, Any]]) -> str:
             "cluster (terciles of the training cluster sizes; an image counts where most of its "
             "captions fall). Validation captions join their nearest training cluster.\n\n" + buckets
         )
+    if splits is None:
+        intro = (
+            "Retrieval on the validation split, in %; each run contributes its best validation "
+            "by rsum. That is model selection on the evaluation split itself (a dev figure, "
+            "slightly optimistic); the last column is the last epoch's rsum."
+        )
+    else:
+        buckets = buckets.replace("The same best validation", "The same report")
+        intro = (
+            f"Retrieval in %, {splits}. Each run's checkpoint is the best by rsum on the "
+            "selection split, evaluated once on the report split, which nothing reads before "
+            "the selection is made; the last column is the last epoch's rsum on the selection "
+            "split."
+        )
     return (
         "# Comparison\n\n"
-        "Retrieval on the validation split, in %; each run contributes its best validation by "
-        "rsum. That is model selection on the evaluation split itself (a dev figure, slightly "
-        "optimistic); the last column is the last epoch's rsum. Cells are mean ± sample "
-        "standard deviation (ddof=1) over seeds; the interval is the 95% Student-t interval of "
-        "the mean rsum. A single seed shows its value and `n=1`.\n\n"
-        + markdown_table(groups)
-        + buckets
+        f"{intro} Cells are mean ± sample standard deviation (ddof=1) over seeds; the interval "
+        "is the 95% Student-t interval of the mean rsum. A single seed shows its value and "
+        "`n=1`.\n\n" + markdown_table(groups) + buckets
     )
 
 
 def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as CSV; with :data:`REPORT_FIELDS` when any run was reported on its own split."""
+    fields = CSV_FIELDS
+    if any(row.get("reported_on") for row in rows):
+        fields = (*CSV_FIELDS, *REPORT_FIELDS)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
     return buffer.getvalue()
 
 
@@ -333,6 +397,8 @@ def write_results(
     groups = aggregate(rows)
     output.mkdir(parents=True, exist_ok=True)
     atomic_save(output / "results.csv", csv_text(rows))
-    atomic_save(output / "results.md", report_markdown(groups))
-    atomic_save(output / "results.png", plot_png(groups, title or output.resolve().name))
+    splits = splits_line(rows)
+    atomic_save(output / "results.md", report_markdown(groups, splits))
+    title = title or output.resolve().name
+    atomic_save(output / "results.png", plot_png(groups, f"{title}\n{splits}" if splits else title))
     return groups

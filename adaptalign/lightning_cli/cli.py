@@ -2,7 +2,9 @@
 
 Every run saves its resolved config beside its TensorBoard logs, logs learning rates, keeps the best
 checkpoint by validation rsum plus the last one (each written whole or not at all, so a killed run
-never leaves a truncated checkpoint), and ``predict`` writes embeddings to a file.
+never leaves a truncated checkpoint), and ``predict`` writes embeddings to a file. With a selection
+split (``data.selection_images``) ``fit`` selects on it and ends by evaluating the selected
+checkpoint once on the report split (``test``).
 Settings that cannot work end the command with one clear message rather than a deep traceback.
 """
 
@@ -26,6 +28,7 @@ from adaptalign.callbacks.embedding_writer import EmbeddingWriter
 from adaptalign.callbacks.final_report import FinalReport
 from adaptalign.callbacks.model_inputs import ModelInputsLink
 from adaptalign.callbacks.parameter_summary import with_parameter_summary
+from adaptalign.callbacks.run_summary import RunSummary
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.lightning_cli.checkpoint_settings import warn_replaced_settings
 from adaptalign.lightning_cli.checks import CheckedCLI, command_settings
@@ -77,6 +80,15 @@ def with_atomic_checkpoints(plugins: object) -> object:
     if any(isinstance(p, CheckpointIO) for p in given):
         return plugins
     return [*given, AtomicCheckpointIO()]
+
+
+def selected_checkpoint(trainer: Trainer) -> str | None:
+    """The best checkpoint by ``val/rsum``; ``None`` (the model as fit left it, i.e. the last
+    epoch) when no checkpoint callback monitors it or none was saved (``fast_dev_run``)."""
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "monitor", None) == f"val/{RSUM}" and callback.best_model_path:
+            return callback.best_model_path
+    return None
 
 
 def brings_checkpoint_io(strategy: object) -> bool:
@@ -131,6 +143,29 @@ class AlignmentCLI(CheckedCLI):
         if logger is not None:
             kwargs["logger"] = logger
         return super().instantiate_trainer(**kwargs)
+
+    def reports_after_fit(self) -> bool:
+        """Whether the data carves a selection split, so fit is reported on ``test`` once."""
+        return getattr(self.datamodule, "selection_images", None) is not None
+
+    def before_fit(self) -> None:
+        """The summary and the final table wait for the report evaluation, when one follows."""
+        if self.reports_after_fit():
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, RunSummary | FinalReport):
+                    callback.report_follows = True
+
+    def after_fit(self) -> None:
+        """Evaluate the checkpoint selected on ``val`` (the selection split) once on ``test``
+        (the report split): nothing reads the report split before the selection is final."""
+        if not self.reports_after_fit():
+            return
+        self.trainer.test(
+            self.model,
+            datamodule=self.datamodule,
+            ckpt_path=selected_checkpoint(self.trainer),
+            verbose=False,
+        )
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
