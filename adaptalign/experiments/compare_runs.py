@@ -354,12 +354,20 @@ def drive(
 
 
 def headline(run: Run) -> str:
-    best = json.loads(run.summary_path.read_text()).get("best") or {}
-    if not best:
+    """The run's numbers for its progress line: on the report split when it has one (selected
+    on the selection split), else its best validation."""
+    summary = json.loads(run.summary_path.read_text())
+    report = summary.get("report") or {}
+    shown = report or summary.get("best") or {}
+    if not shown:
         return "no validation"
-    parts = [f"{k.replace('_', ' ')} {best[k]:.1f}" for k in ("i2t_R@1", "t2i_R@1") if k in best]
-    if "rsum" in best:
-        parts.append(f"rsum {best['rsum']:.1f}")
+    parts = [f"{k.replace('_', ' ')} {shown[k]:.1f}" for k in ("i2t_R@1", "t2i_R@1") if k in shown]
+    if "rsum" in shown:
+        parts.append(f"rsum {shown['rsum']:.1f}")
+    if report:
+        parts.append(
+            f"on {report['split']}, epoch {report['epoch']} selected on {report['selected_on']}"
+        )
     return ", ".join(parts)
 
 
