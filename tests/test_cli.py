@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from adaptalign.cli import main
 from adaptalign.datamodules.generated_scenes import SHAPES
+from tests.helpers.command_line import run_adaptalign
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
@@ -196,34 +197,9 @@ def test_bad_settings_exit_with_one_clear_message(
 @pytest.mark.ddp
 def test_two_process_ddp_fit_on_cpu(tiny_text_model: str, tmp_path: Path) -> None:
     """The real launcher: `adaptalign fit` with DDP on 2 CPU processes trains and checkpoints."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTALIGN_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "adaptalign",
-            "fit",
-            "--config",
-            TINY,
-            "--model.text_tower.model_name",
-            tiny_text_model,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.strategy",
-            "ddp",
-            "--trainer.devices",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+    args = ["fit", "--config", TINY, "--model.text_tower.model_name", tiny_text_model]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--trainer.strategy", "ddp"]
+    result = run_adaptalign([*args, "--trainer.devices", "2"], tmp_path / "cache", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (ckpt,) = tmp_path.glob("lightning_logs/*/checkpoints/last.ckpt")
     state = torch.load(ckpt, weights_only=False)

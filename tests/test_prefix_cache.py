@@ -3,9 +3,6 @@ the cache exactly as from recomputed prefixes (loss and gradients), also resumed
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +20,7 @@ from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.lightning_modules.system import AlignmentModule
 from tests.helpers.builders import quiet_trainer, tiny_module
+from tests.helpers.command_line import run_adaptalign
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
@@ -328,12 +326,8 @@ def test_ddp_and_bf16_train_the_top_over_prefixes_one_process_extracted(
 ) -> None:
     """`adaptalign fit` on 2 CPU processes in bf16: one process fills the prefix cache, both
     train from it, and between epochs only the unlocked top and the heads change."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTALIGN_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(
+    result = run_adaptalign(
         [
-            sys.executable,
-            "-m",
-            "adaptalign",
             "fit",
             "--config",
             str(TINY),
@@ -350,11 +344,8 @@ def test_ddp_and_bf16_train_the_top_over_prefixes_one_process_extracted(
             "--trainer.callbacks.every_n_train_steps=1",  # 1 step an epoch on 2 processes
             "--trainer.callbacks.save_top_k=-1",
         ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
+        tmp_path / "cache",
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     said = [line for line in result.stderr.splitlines() if "to compute" in line]
