@@ -111,12 +111,15 @@ def test_prefix_cache(
 
     def child(args, mode: str, side: str) -> dict:
         if side == "fill":
-            return {"seconds": 0.5, "disk_bytes": 2.0e7, "row_bytes": 1.0e7, "where": "features"}
+            sizes = {"disk_bytes": 2.0e7, "row_bytes": 1.0e7, "rows": "1000 images"}
+            return {"seconds": 0.5, **sizes, "where": "features"}
         factor = 1.0 if side == "cached" else 1.0 + epoch_drift
         return {
             "seconds": 1.0 if side == "cached" else ratios[mode],
+            "cpu_seconds": 2.0 if side == "cached" else 2.0 * ratios[mode],
             "losses": [5.0 * factor, 4.0 * factor],
             "steps": [0.6, 0.4] if side == "cached" else [ratios[mode] / 2] * 2,
+            "cpu_steps": [1.2, 0.8] if side == "cached" else [ratios[mode]] * 2,
             "first_loss": 5.0 if side == "cached" else 5.0 * (1.0 + first_drift),
             "peak_rss": 2.0e9,
         }
@@ -124,10 +127,16 @@ def test_prefix_cache(
     monkeypatch.setattr(bench, "measure_in_child", child)
     assert bench.main(THREADS) == (1 if missed else 0)
     printed = capsys.readouterr().out
-    assert f"ratio recomputed / cached {ratios['image']:.2f}x (goal >= 10x" in printed
+    image = ratios["image"]
+    assert f"ratio recomputed / cached {image:.2f}x (goal >= 10x" in printed
+    assert f"in CPU time {image:.2f}x" in printed
     assert "a compute bound of (4 + 2x3) / (2x3) = 1.67x" in printed
-    assert "cache: 20.0 MB on disk (features); rows read 10.0 MB" in printed
-    assert "cached     epoch    1.00 s (first step 0.60 s, then 0.40 s/step)" in printed
+    assert "20.0 MB of chunk files in features" in printed
+    assert "this run reads 1000 images: 10.0 MB" in printed
+    assert "cached     epoch    1.00 s (first step 0.60 s, then 0.40 s/step; CPU 2.0 s)" in printed
+    # (0.8 s cached + (image 12 - 0.8) + (text 1.5 - 0.8)) / 0.8 s of CPU, with FAST's ratios
+    if ratios is FAST:
+        assert "to a cached step of 0.80 s (both tops forward + backward): 15.9x" in printed
     assert ("Overall: PASS" in printed) == (missed is None)
     if missed:
         assert f"Overall: FAIL (missed: {missed}" in printed
