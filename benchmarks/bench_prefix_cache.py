@@ -16,9 +16,9 @@ The other tower is served from the cache on both sides. The cache is filled firs
 one-time cost is printed, zero when an earlier run filled it), so the timed cached epoch only reads.
 Each timed epoch runs in its own process, so its peak resident memory (``ru_maxrss``) is its own;
 like the command line, the processes let idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``).
-The machine's load average is printed beside each run, since other work on the cores slows both;
-the goals are judged on wall time, and the ratio of the epochs' CPU time (user + system of the
-process), which other work hardly moves, is printed beside it.
+The machine's load average is printed beside each run, since other work on the cores slows both
+sides, and not alike: the goals are judged on wall time, with the epochs' CPU time (user + system of
+the process; about the wall time when the run got one core's worth of the two) printed beside it.
 
 Same result: the two routes compute the same function up to the float16 storage of the prefix.
 Where no dropout trains (image), the epochs draw alike and their mean training losses are compared.
@@ -159,7 +159,7 @@ def clocks() -> tuple[float, float]:
 
 class EpochRecorder(L.Callback):
     """The training epoch's wall and CPU seconds, and every step's loss and seconds (loading
-    its batch too). CPU time hardly moves with other work on the cores; wall time does."""
+    its batch too)."""
 
     def __init__(self) -> None:
         self.seconds = self.cpu_seconds = 0.0
@@ -389,9 +389,9 @@ def step_median(run: dict, clock: str) -> float:
 
 
 def predict_both(runs: dict[str, dict[str, dict]]) -> None:
-    """What the single-tower modes' steps predict for both, in CPU time (the modes ran under
-    different loads): each tower's recomputing cost per step added to the step over both cached
-    tops, which still trains MiniLM's layers."""
+    """What the single-tower modes' steps predict for both, roughly (each mode ran under its own
+    load): each tower's recomputing cost per step, in CPU time, added to the step over both
+    cached tops, which still trains MiniLM's layers."""
     if not {"image", "text", "both"} <= runs.keys():
         return
     added = {
