@@ -235,3 +235,27 @@ def test_only_an_unknown_section_is_refused(project: Path, capsys) -> None:
         "adaptalign: error: --only ['nevr']: no such section; expected among ['done', 'never']"
     )
     assert not (project / "docs/RESULTS.md").exists()
+
+
+def test_a_section_of_runs_reported_apart_from_their_selection_says_which_split_is_which(
+    project: Path,
+) -> None:
+    splits = {
+        "selected_on": "val",
+        "selection_images": 40,
+        "carved_from": "train",
+        "split_seed": 0,
+        "reported_on": "test",
+        "report_images": 20,
+        "report_source": "dev",
+    }
+    for path in (project / "out/done/runs").rglob("summary.json"):
+        summary = json.loads(path.read_text())
+        report_entry = summary["best"] | {"split": "test", "selected_on": "val", "splits": splits}
+        path.write_text(json.dumps(summary | {"report": report_entry}))
+    assert run_report("--only", "done") == 0
+    document = (project / "docs/RESULTS.md").read_text()
+    assert (
+        "Retrieval in %, selected on val (selection split, 40 images carved from train), "
+        "reported on test (dev, 20 images). Each run's checkpoint" in document
+    )

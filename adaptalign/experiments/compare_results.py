@@ -232,6 +232,15 @@ def splits_line(rows: Sequence[dict[str, Any]]) -> str | None:
     return f"the runs differ in their splits: {counted}"
 
 
+def splits_intro(splits: str) -> str:
+    """What the numbers of runs reported apart from their selection split are."""
+    return (
+        f"Retrieval in %, {splits}. Each run's checkpoint is the best by rsum on the selection "
+        "split, evaluated once on the report split, which nothing reads before the selection is "
+        "made; the last column is the last epoch's rsum on the selection split."
+    )
+
+
 def report_markdown(groups: Sequence[dict[str, Any]], splits: str | None = None) -> str:
     """The report; ``splits`` (:func:`splits_line`) when runs were reported on their own split."""
     buckets = bucket_table(groups)
@@ -250,12 +259,7 @@ def report_markdown(groups: Sequence[dict[str, Any]], splits: str | None = None)
         )
     else:
         buckets = buckets.replace("The same best validation", "The same report")
-        intro = (
-            f"Retrieval in %, {splits}. Each run's checkpoint is the best by rsum on the "
-            "selection split, evaluated once on the report split, which nothing reads before "
-            "the selection is made; the last column is the last epoch's rsum on the selection "
-            "split."
-        )
+        intro = splits_intro(splits)
     return (
         "# Comparison\n\n"
         f"{intro} Cells are mean ± sample standard deviation (ddof=1) over seeds; the interval "

@@ -35,6 +35,8 @@ from adaptalign.experiments.compare_results import (
     format_stat,
     markdown_table,
     plot_png,
+    splits_intro,
+    splits_line,
 )
 from adaptalign.experiments.compare_runs import Run, finished_rows, report_order
 from adaptalign.experiments.compare_settings import Settings, plan, resolve_settings
@@ -179,6 +181,9 @@ def render_section(section: Section, figures: Path, document_dir: Path) -> str:
     if finished < len(runs):
         parts.append(f"**Partial:** {finished} of {len(runs)} runs have finished.")
     groups = aggregate(rows)
+    splits = splits_line(rows)
+    if splits is not None:
+        parts.append(splits_intro(splits))
     parts.append(markdown_table(groups).rstrip())
     buckets = bucket_table(groups)
     if buckets:
