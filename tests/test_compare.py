@@ -576,6 +576,7 @@ def test_an_attempt_in_another_setting_is_not_continued(tmp_path: Path) -> None:
         file_digests,
         fit_command,
         resume_point,
+        same_setting,
     )
 
     config = tmp_path / "tiny.yaml"
@@ -598,6 +599,8 @@ def test_an_attempt_in_another_setting_is_not_continued(tmp_path: Path) -> None:
     assert resume_point(run, ["--trainer.max_epochs=3"]) == last
     (run.folder / "summary.json").write_text("{}")
     assert resume_point(run, ["--trainer.max_epochs=3"]) is None  # finished: nothing to go on with
+    # the summary an argument names is the run's own output, not a setting that changed
+    assert same_setting(run, ["--trainer.max_epochs=3"])
 
 
 def test_an_override_reaches_a_method_and_the_summary_comes_last(tmp_path: Path, capsys) -> None:

@@ -126,8 +126,9 @@ class Outcome:
         return not self.ok and self.returncode != BAD_INPUT
 
 
-def file_digests(arguments: Sequence[str]) -> dict[str, str]:
-    """SHA-256 of every file the arguments name (``--config a.yaml``, ``--data.vocabulary=v.json``).
+def file_digests(arguments: Sequence[str], outputs: Path | None = None) -> dict[str, str]:
+    """SHA-256 of every file the arguments name (``--config a.yaml``, ``--data.vocabulary=v.json``),
+    except the run's own outputs under ``outputs`` (its ``summary.json`` exists only once it ran).
 
     Code defaults are not covered: a run that continues after the package changed uses the new code.
     """
@@ -135,6 +136,8 @@ def file_digests(arguments: Sequence[str]) -> dict[str, str]:
     for argument in arguments:
         value = argument.partition("=")[2] if argument.startswith("--") else argument
         path = Path(value)
+        if outputs is not None and path.resolve().is_relative_to(outputs.resolve()):
+            continue
         if value and path.is_file():
             digests[value] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests
@@ -144,7 +147,8 @@ def same_setting(run: Run, overrides: Sequence[str]) -> bool:
     """Whether the run's recorded attempt had these arguments and the files they name unchanged."""
     arguments = fit_command(run, overrides)[1:]
     record = recorded_run(run)
-    return record.get("arguments") == arguments and record.get("files") == file_digests(arguments)
+    files = file_digests(arguments, run.folder)
+    return record.get("arguments") == arguments and record.get("files") == files
 
 
 def resume_point(run: Run, overrides: Sequence[str]) -> Path | None:
@@ -178,7 +182,7 @@ def execute(run: Run, overrides: Sequence[str], in_process: bool = False) -> Out
             "train_images": run.train_images,
             "seed": run.seed,
             "arguments": command[1:],
-            "files": file_digests(command[1:]),
+            "files": file_digests(command[1:], run.folder),
         }
         atomic_save(run.folder / "run.json", json.dumps(record, indent=2) + "\n")
     else:
