@@ -171,10 +171,14 @@ def encode_texts(backbone: nn.Module, captions: Sequence[str]) -> Batches:
         yield batch, rows[: len(batch)].float().cpu().clone()
 
 
-def encode_text_prefixes(prefix: TextPrefix, captions: Sequence[str]) -> Batches:
+def encode_text_prefixes(
+    prefix: TextPrefix, captions: Sequence[str], lengths: Sequence[int] | None = None
+) -> Batches:
     """``(positions, one (tokens, H) tensor per caption)`` batches of the frozen prefix's hidden
-    states; each forward holds one token length, so nothing is padded."""
-    lengths = token_lengths(prefix.model, captions)
+    states; each forward holds one token length, so nothing is padded. ``lengths``: the
+    captions' token counts, when already known."""
+    if lengths is None:
+        lengths = token_lengths(prefix.model, captions)
     for batch in length_batches(captions, lengths, TEXT_BATCH):
         texts = [captions[i] for i in batch]
         texts += texts[-1:] * (TEXT_BATCH - len(texts))
@@ -281,17 +285,23 @@ def caption_prefixes(
     """Each caption's hidden states entering the first trained layer, ``(tokens, H)``, computing
     only what is not cached."""
     captions = list(captions)
-
-    def compute(positions: list[int]) -> Batches:
-        return _remap(positions, encode_text_prefixes(prefix, [captions[i] for i in positions]))
-
-    key = text_prefix_key(prefix)
     lengths: list[int] = []
 
-    def row_bytes(position: int) -> int:
-        if not lengths:  # only when something is missing: tokenising costs time
+    def token_counts() -> list[int]:
+        """Tokenised once, and only when something is missing (the size check, then batching)."""
+        if not lengths:
             lengths.extend(token_lengths(prefix.model, captions))
-        return lengths[position] * prefix.hidden_size * 2
+        return lengths
+
+    def compute(positions: list[int]) -> Batches:
+        todo = [captions[i] for i in positions]
+        counts = [token_counts()[i] for i in positions]
+        return _remap(positions, encode_text_prefixes(prefix, todo, counts))
+
+    def row_bytes(position: int) -> int:
+        return token_counts()[position] * prefix.hidden_size * 2
+
+    key = text_prefix_key(prefix)
 
     storage = Storage(
         f"text prefix below {prefix.cut}", "caption", row_bytes, "model.text_tower.unlocked_layers"
