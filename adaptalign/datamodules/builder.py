@@ -3,13 +3,15 @@
 Nothing here keeps state or knows a trainer. The data module calls :func:`build_splits` in
 ``setup`` and keeps what it returns; its ``prepare_data`` calls the same only to fill the
 caption-cluster cache. The training split is enriched once: object tags from the ontology, and the
-long-tail cluster of every caption. Noise is applied per loader (:func:`noisy_split`), since a
-stress test changes the evaluation noise between runs of one data module.
+long-tail cluster of every caption; the validation captions join their nearest cluster at once, the
+test (report) split's only when it is evaluated (:func:`assign_evaluation_clusters`). Noise is
+applied per loader (:func:`noisy_split`), since a stress test changes the evaluation noise between
+runs of one data module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +22,7 @@ from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.clusters import (
     ClusterConfig,
     Clustering,
+    assign_captions,
     cluster_captions,
     cluster_size_report,
     size_buckets,
@@ -140,10 +143,12 @@ def build_splits(settings: SplitSettings, summarise: bool = True) -> Splits:
         splits["train"] = tag_objects(splits["train"], settings.ontology, summarise)
     clusters = None
     if settings.clusters is not None:
+        # Only val, the split fit selects on: the test (report) split joins its clusters when its
+        # loader is built, so nothing reads it before the checkpoint is selected.
         clusters = cluster_training_captions(
             splits["train"],
             records,
-            splits["val"] + splits["test"],
+            splits["val"],
             settings.clusters,
             feature_cache(settings.cache_dir),
             summarise,
@@ -180,7 +185,8 @@ def cluster_training_captions(
     The clusters are fitted on the whole train split of ``records``, so a subset's clusters are
     those of the full data; ``train`` (the subset, captions capped) decides the sizes. Evaluation
     captions join the cluster of their nearest centroid, so recall can be reported for head,
-    middle and tail queries by the tercile of that cluster's training size.
+    middle and tail queries by the tercile of that cluster's training size. The centroids are
+    kept, so further splits join later (:func:`assign_evaluation_clusters`).
     """
     full = [r for r in records if r.split == "train"]
     clustering = cluster_captions(
@@ -188,6 +194,7 @@ def cluster_training_captions(
         config,
         cache,
         assign=[c for r in evaluated for c in r.captions],
+        keep_centres=True,
     )
     labels = _per_image(full, clustering.labels)
     used = np.concatenate([labels[r.image_id][: len(r.captions)] for r in train])
@@ -197,11 +204,40 @@ def cluster_training_captions(
         report = ", ".join(f"{k} {v:.3g}" for k, v in cluster_size_report(in_use).items())
         rank_zero_info(f"caption clusters over {len(used)} training captions: {report}")
     eval_labels = _per_image(evaluated, clustering.assigned)
-    eval_buckets = {
-        image_id: size_buckets(sizes[assigned], in_use)
-        for image_id, assigned in eval_labels.items()
-    }
-    return CaptionClusters(labels, sizes, eval_labels, eval_buckets)
+    eval_buckets = _buckets(eval_labels, sizes)
+    return CaptionClusters(labels, sizes, eval_labels, eval_buckets, clustering.centres)
+
+
+def assign_evaluation_clusters(
+    clusters: CaptionClusters,
+    evaluated: list[Record],
+    config: ClusterConfig,
+    cache: FeatureCache,
+    progress: bool = True,
+) -> CaptionClusters:
+    """``clusters`` with the captions of ``evaluated`` images that have none yet given their
+    nearest cluster and its size bucket, as :func:`cluster_training_captions` gives val's.
+
+    The data module calls it when a split's loader is first built, so the test (report) split is
+    read only when it is evaluated; images already assigned are not embedded again.
+    """
+    todo = [r for r in evaluated if r.image_id not in clusters.eval_labels]
+    if not todo or clusters.centres is None:
+        return clusters
+    captions = [c for r in todo for c in r.captions]
+    labels = _per_image(todo, assign_captions(captions, clusters.centres, config, cache, progress))
+    return replace(
+        clusters,
+        eval_labels={**clusters.eval_labels, **labels},
+        eval_buckets={**clusters.eval_buckets, **_buckets(labels, clusters.sizes)},
+    )
+
+
+def _buckets(labels: dict[int, np.ndarray], sizes: np.ndarray) -> dict[int, np.ndarray]:
+    """Each image's per-caption size bucket: the tercile, over the clusters in use for training,
+    of its captions' clusters' training sizes (the terciles need the sizes alone)."""
+    in_use = Clustering(labels=np.zeros(0, dtype=np.int64), sizes=sizes[sizes > 0])
+    return {image: size_buckets(sizes[assigned], in_use) for image, assigned in labels.items()}
 
 
 def noisy_split(

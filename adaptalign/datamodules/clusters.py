@@ -92,6 +92,8 @@ class Clustering:
     labels: np.ndarray
     sizes: np.ndarray
     assigned: np.ndarray | None = None
+    # Unit-length centre of each cluster, kept so captions seen later can join their nearest one.
+    centres: torch.Tensor | None = None
 
     @classmethod
     def from_labels(cls, labels: np.ndarray) -> Clustering:
@@ -194,6 +196,7 @@ def cluster_captions(
     cache: FeatureCache | None,
     progress: bool = True,
     assign: Sequence[str] = (),
+    keep_centres: bool = False,
 ) -> Clustering:
     """Cluster captions by meaning; identical captions always share a cluster.
 
@@ -204,6 +207,8 @@ def cluster_captions(
 
     ``assign`` are further captions (evaluation splits) given the cluster of their nearest
     centroid, in ``Clustering.assigned``; they take no part in fitting the clusters.
+    ``keep_centres`` keeps the centroids in ``Clustering.centres`` for captions assigned later
+    (:func:`assign_captions`), such as a report split read only when it is evaluated.
     """
     captions = list(captions)
     if not captions:
@@ -248,16 +253,44 @@ def cluster_captions(
     per_caption = numbered[inverse]
     sizes = np.bincount(per_caption).astype(np.int64)
     clustering = Clustering(labels=per_caption, sizes=sizes)
-    if assign:
-        assign = list(assign)
-        distinct_assign = sorted(set(assign))
-        nearest = nearest_centroid(
-            embed_captions(model, distinct_assign, cache, progress),
-            centroids(embeddings(), per_caption, inverse),
-        )
-        where = {caption: i for i, caption in enumerate(distinct_assign)}
-        clustering.assigned = nearest[[where[c] for c in assign]]
+    if assign or keep_centres:
+        centres = centroids(embeddings(), per_caption, inverse)
+        if keep_centres:
+            clustering.centres = centres
+        if assign:
+            clustering.assigned = nearest_clusters(model, assign, centres, cache, progress)
     return clustering
+
+
+def nearest_clusters(
+    model: nn.Module,
+    captions: Sequence[str],
+    centres: torch.Tensor,
+    cache: FeatureCache | None,
+    progress: bool,
+) -> np.ndarray:
+    """The cluster of each caption's nearest centre; each distinct caption is embedded once."""
+    captions = list(captions)
+    distinct = sorted(set(captions))
+    if not distinct:
+        return np.zeros(0, dtype=np.int64)
+    nearest = nearest_centroid(embed_captions(model, distinct, cache, progress), centres)
+    where = {caption: i for i, caption in enumerate(distinct)}
+    return nearest[[where[c] for c in captions]]
+
+
+def assign_captions(
+    captions: Sequence[str],
+    centres: torch.Tensor,
+    config: ClusterConfig,
+    cache: FeatureCache | None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Captions given the cluster of their nearest centre (``Clustering.centres``) after the
+    clustering was made, so a split is read only when it is evaluated; the same embedding and
+    rule as ``cluster_captions(..., assign=captions)``."""
+    model = load_text_model(config.text_model, MAX_TOKENS, f"{SETTING}.text_model")
+    return nearest_clusters(model, captions, centres, cache, progress)
 
 
 def centroids(embeddings: torch.Tensor, labels: np.ndarray, inverse: np.ndarray) -> torch.Tensor:

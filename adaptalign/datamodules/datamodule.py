@@ -23,6 +23,7 @@ from adaptalign.datamodules.builder import (
     Format,
     SplitSettings,
     annotation_paths,
+    assign_evaluation_clusters,
     build_splits,
     feature_cache,
     noisy_split,
@@ -367,13 +368,26 @@ class AlignmentDataModule(L.LightningDataModule):
             records,
             self._model_inputs().transform,
             features=features,
-            clusters=self.caption_clusters,
+            clusters=self._evaluation_clusters(split),
             image_noise=noise,
         )
         rank, world = self._world()
         return eval_loader(
             dataset, self.eval_batch_size, rank, world, num_workers=self.num_workers, shard=shard
         )
+
+    def _evaluation_clusters(self, split: str) -> CaptionClusters | None:
+        """The caption clusters with ``split``'s clean captions assigned: setup assigns val's
+        only, so the test (report) split is read when it is evaluated, after selection."""
+        if self.caption_clusters is not None and self.clusters is not None:
+            self.caption_clusters = assign_evaluation_clusters(
+                self.caption_clusters,
+                self._records(split),
+                self.clusters,
+                feature_cache(self.cache_dir),
+                progress=self.trainer is None or self.trainer.is_global_zero,
+            )
+        return self.caption_clusters
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

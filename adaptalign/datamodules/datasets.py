@@ -40,6 +40,9 @@ class CaptionClusters:
     # (0 tail, 1 middle, 2 head by the tercile of the cluster's training size).
     eval_labels: dict[int, np.ndarray] = field(default_factory=dict)
     eval_buckets: dict[int, np.ndarray] = field(default_factory=dict)
+    # Each cluster's unit-length centre: a split's captions join their nearest cluster only when
+    # its loader is first built, so the report split is not read before selection is final.
+    centres: Tensor | None = None
 
 
 def image_bucket(caption_buckets: np.ndarray) -> int:
