@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,8 +15,16 @@ from adaptalign.cli import main
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.noise import NoiseConfig, caption_vocabulary, noisy_records
-from adaptalign.experiments.stress import noise_for
+from adaptalign.experiments.compare_runs import Run
+from adaptalign.experiments.compare_stress import (
+    aggregate_stress,
+    stress_figure,
+    stress_markdown,
+    stress_rows,
+)
+from adaptalign.experiments.stress import noise_for, stressed_split, write
 from adaptalign.lightning_cli.cli import build_cli
+from adaptalign.lightning_modules.metric_names import RECALLS
 from tests.helpers.builders import quiet_trainer, tiny_module
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -141,6 +150,10 @@ def test_stress_command(
     rows = json.loads((out / "stress.json").read_text())
     assert [r["rate"] for r in rows] == [0.0, 0.5]
     assert {"stress.csv", "stress.md", "stress.png"} <= {p.name for p in out.iterdir()}
+    # Without a selection split the stress test stays on val, and says so.
+    assert [r["split"] for r in rows] == ["val", "val"]
+    assert "Retrieval on the validation split (val) in %." in (out / "stress.md").read_text()
+    assert (out / "stress.csv").read_text().startswith("rate,modality,split,")
     assert (out / "stress.png").stat().st_size > 1000
     # Rate 0 is exactly a plain validation of the checkpoint.
     cli = build_cli([*common, "--trainer.logger=false"], run=False)
@@ -162,3 +175,102 @@ def test_stress_command_errors(
         main(["stress", *common, "--ckpt_path", TINY, "--rates", "1.5"])
     assert done.value.code == 2
     assert "--rates: 1.5 is not a rate" in capsys.readouterr().err
+
+
+def test_the_stressed_split_is_the_report_split_when_one_is_carved() -> None:
+    assert stressed_split(None) == "val"
+    assert stressed_split(16) == "test" and stressed_split(0.2) == "test"
+
+
+def test_stress_outputs_name_their_split(tmp_path: Path) -> None:
+    rows = [
+        {"rate": rate, "modality": "text", "split": "test", "rsum": 100.0 - rate}
+        | {m: 10.0 for m in RECALLS}
+        for rate in (0.0, 0.5)
+    ]
+    write(rows, tmp_path, "text")
+    assert "Retrieval on the report split (test) in %." in (tmp_path / "stress.md").read_text()
+    with (tmp_path / "stress.csv").open() as handle:
+        assert {r["split"] for r in csv.DictReader(handle)} == {"test"}
+
+
+def stress_run(folder: Path, name: str, seed: int, split: str | None, rsum: float) -> Run:
+    """A finished run's stress result on ``split`` (``None``: written before results named it)."""
+    run = Run(name, TINY, 16, seed, folder / f"{name}_{seed}")
+    (run.folder / "stress_text").mkdir(parents=True)
+    entries = [
+        {"rate": rate, "modality": "text", "rsum": rsum - rate}
+        | ({"split": split} if split else {})
+        | {m: 10.0 for m in RECALLS}
+        for rate in (0.0, 0.5)
+    ]
+    (run.folder / "stress_text" / "stress.json").write_text(json.dumps(entries))
+    return run
+
+
+def test_a_comparisons_stress_results_name_their_split_and_never_pool_two(tmp_path: Path) -> None:
+    reported = [stress_run(tmp_path, "mmts", seed, "test", 100.0 + seed) for seed in (0, 1)]
+    groups = aggregate_stress(stress_rows(reported, "text"))
+    assert {g["split"] for g in groups} == {"test"} and {g["seeds"] for g in groups} == {2}
+    markdown = stress_markdown(groups, "text")
+    assert "evaluated on the report split (test) with noise" in markdown
+    assert "| mmts | 16 | 0.5 | 2 |" in markdown
+    title = stress_figure(groups, "text", "Flickr8k").get_suptitle()
+    assert title == "Flickr8k\nretrieval on the report split (test) under caption noise"
+
+    # a result that does not name its split was on val; it is never averaged with test
+    older = stress_run(tmp_path, "mmts", 2, None, 50.0)
+    groups = aggregate_stress(stress_rows([*reported, older], "text"))
+    assert sorted((g["split"], g["seeds"]) for g in groups if g["rate"] == 0) == [
+        ("test", 2),
+        ("val", 1),
+    ]
+    markdown = stress_markdown(groups, "text")
+    assert "on the report split (test) or the validation split (val)" in markdown
+    assert "| mmts | 16 | test | 0.5 | 2 |" in markdown
+    assert "| mmts | 16 | val | 0 | 1 |" in markdown
+    figure = stress_figure(groups, "text", "Flickr8k")
+    assert [line.get_label() for line in figure.axes[0].containers] == [
+        "mmts (test)",
+        "mmts (val)",
+    ]
+
+
+@pytest.mark.slow
+def test_stress_with_a_selection_split_is_on_the_report_split(
+    tiny_text_model: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    """With ``data.selection_images`` the stress test evaluates the report split: at rate 0 it
+    gives the run's report, as ``adaptalign test`` of the checkpoint does."""
+    summary = tmp_path / "summary.json"
+    main(
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--model.text_tower.model_name",
+            tiny_text_model,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_epochs=2",
+            "--data.generated.num_test=0",
+            "--data.selection_images=16",
+            "--trainer.callbacks+=adaptalign.callbacks.run_summary.RunSummary",
+            f"--trainer.callbacks.output_path={summary}",
+        ]
+    )
+    written = summary.read_text()
+    report = json.loads(written)["report"]
+    (version,) = tmp_path.glob("lightning_logs/version_*")
+    out = tmp_path / "stress"
+    # As a comparison runs it: the run's saved config and its selected checkpoint.
+    config = str(version / "config.yaml")
+    common = ["--config", config, "--ckpt_path", report["checkpoint"], "--output", str(out)]
+    assert main(["stress", *common, "--rates", "0", "0.5", "--modality", "text"]) == 0
+    rows = json.loads((out / "stress.json").read_text())
+    assert [(r["rate"], r["split"]) for r in rows] == [(0.0, "test"), (0.5, "test")]
+    for metric in (*RECALLS, "rsum"):
+        assert rows[0][metric] == pytest.approx(report[metric], abs=1e-4)
+    assert rows[1]["rsum"] != pytest.approx(rows[0]["rsum"])
+    assert "Retrieval on the report split (test) in %." in (out / "stress.md").read_text()
+    assert summary.read_text() == written  # the run's summary is left as it was

@@ -3,13 +3,16 @@
 After the fits, ``adaptalign compare --stress-rates 0 0.1 0.3`` runs ``adaptalign stress`` on every
 finished run that has no stress result yet (so re-running resumes here too), with the run's own
 saved config and its best checkpoint, and reports mean ± std over seeds per config, training size
-and noise rate (``results_stress.md``, ``results_stress.csv``, ``results_stress.png``).
+and noise rate (``results_stress.md``, ``results_stress.csv``, ``results_stress.png``). A run with a
+selection split is stressed on its report split (``test``), any other on ``val``; the outputs say
+which, and results on different splits are never averaged together.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -29,12 +32,14 @@ from adaptalign.experiments.compare_results import (
 )
 from adaptalign.experiments.compare_runs import Run, size_label
 from adaptalign.experiments.ray_pool import Placement, worker_pool
+from adaptalign.experiments.stress import split_words
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 STRESS_METRICS = TABLE_METRICS
 NOISE_WORDS = {"text": "caption", "image": "image", "both": "caption and image"}
+LINE_STYLES = ("-", "--", ":")  # one per split, should a comparison's runs differ in split
 
 
 def stress_folder(run: Run, modality: str) -> Path:
@@ -114,7 +119,8 @@ def _result(run: Run, modality: str) -> Path:
 
 
 def stress_rows(runs: Sequence[Run], modality: str) -> list[dict[str, Any]]:
-    """One row per (run, rate) from the finished stress results."""
+    """One row per (run, rate) from the finished stress results, with the split they are on
+    (``val`` for results that do not say, written before the report split was stressed)."""
     rows = []
     for run in runs:
         path = _result(run, modality)
@@ -126,6 +132,7 @@ def stress_rows(runs: Sequence[Run], modality: str) -> list[dict[str, Any]]:
                 "train_images": size_label(run.train_images),
                 "seed": run.seed,
                 "rate": float(entry["rate"]),
+                "split": entry.get("split", "val"),
             }
             row.update({m: entry.get(m) for m in STRESS_METRICS})
             rows.append(row)
@@ -133,15 +140,17 @@ def stress_rows(runs: Sequence[Run], modality: str) -> list[dict[str, Any]]:
 
 
 def aggregate_stress(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per (config, training size, rate), in first-seen order."""
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    """Mean ± std over seeds per (config, training size, rate, split), in first-seen order."""
+    groups: dict[tuple[str, str, float, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["name"], row["train_images"], row["rate"]), []).append(row)
+        key = (row["name"], row["train_images"], row["rate"], row.get("split", "val"))
+        groups.setdefault(key, []).append(row)
     return [
         {
             "name": name,
             "train_images": size,
             "rate": rate,
+            "split": split,
             "seeds": len(members),
             "stats": {
                 m: describe([float(r[m]) for r in members])
@@ -149,38 +158,60 @@ def aggregate_stress(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 if all(r.get(m) is not None for r in members)
             },
         }
-        for (name, size, rate), members in groups.items()
+        for (name, size, rate, split), members in groups.items()
     ]
+
+
+def stress_splits(groups: Sequence[dict[str, Any]]) -> list[str]:
+    """The splits the results are on, in first-seen order (one, unless runs differ)."""
+    return list(dict.fromkeys(g.get("split", "val") for g in groups))
 
 
 def stress_markdown(groups: Sequence[dict[str, Any]], modality: str) -> str:
-    header = ["config", "train images", "noise rate", "seeds"]
+    splits = stress_splits(groups)
+    mixed = len(splits) > 1  # then each row names its split
+    header = ["config", "train images", *(["split"] if mixed else []), "noise rate", "seeds"]
     header += [metric_label(m) for m in STRESS_METRICS]
+    align = ["---", "---", *(["---"] if mixed else []), "---:", "---:"]
     lines = [
         f"# Noise stress test ({modality} noise)\n",
-        "Each run's best checkpoint evaluated on the validation split with noise at each rate; "
-        "mean ± std over seeds, in %.\n",
+        f"Each run's best checkpoint evaluated on {' or '.join(map(split_words, splits))} with "
+        "noise at each rate; mean ± std over seeds, in %.\n",
         "| " + " | ".join(header) + " |",
-        "| " + " | ".join(["---", "---", "---:", "---:"] + ["---:"] * len(STRESS_METRICS)) + " |",
+        "| " + " | ".join(align + ["---:"] * len(STRESS_METRICS)) + " |",
     ]
-    ordered = sorted(groups, key=lambda g: (g["train_images"], g["name"], g["rate"]))
+    ordered = sorted(
+        groups, key=lambda g: (g["train_images"], g["name"], g.get("split", "val"), g["rate"])
+    )
     for group in ordered:
-        cells = [group["name"], group["train_images"], f"{group['rate']:g}", str(group["seeds"])]
+        cells = [group["name"], group["train_images"]]
+        cells += [group.get("split", "val")] if mixed else []
+        cells += [f"{group['rate']:g}", str(group["seeds"])]
         cells += [format_stat(group["stats"].get(m)) for m in STRESS_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -> Figure:
-    """rsum against noise rate, one line per config, one panel per training size."""
+    """rsum against noise rate, one line per config, one panel per training size.
+
+    The title names the split unless it is ``val`` throughout; should runs differ in split, each
+    config has a line per split, labelled with it.
+    """
     sizes = list(dict.fromkeys(g["train_images"] for g in groups))
     names = list(dict.fromkeys(g["name"] for g in groups))
+    splits = stress_splits(groups)
     figure = new_figure(5 * len(sizes), 4.4, "constrained")
     for index, size in enumerate(sizes):
         axes = figure.add_subplot(1, len(sizes), index + 1)
         mine = [g for g in groups if g["train_images"] == size and "rsum" in g["stats"]]
-        for colour, name in enumerate(names):
-            line = sorted((g for g in mine if g["name"] == name), key=lambda g: g["rate"])
+        for (colour, name), (style, split) in itertools.product(
+            enumerate(names), enumerate(splits)
+        ):
+            line = sorted(
+                (g for g in mine if g["name"] == name and g.get("split", "val") == split),
+                key=lambda g: g["rate"],
+            )
             if not line:
                 continue
             stats = [g["stats"]["rsum"] for g in line]
@@ -190,15 +221,18 @@ def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -
                 yerr=[s.std or 0.0 for s in stats],
                 marker="o",
                 capsize=3,
-                label=name,
+                label=f"{name} ({split})" if len(splits) > 1 else name,
                 color=f"C{colour}",  # a config keeps its colour in every panel
+                linestyle=LINE_STYLES[style % len(LINE_STYLES)],
             )
         axes.set_xlabel(f"noise rate ({NOISE_WORDS.get(modality, modality)})")
         axes.set_ylabel("rsum (mean ± std over seeds)")
         axes.set_title(f"{size} train images")
         axes.grid(alpha=0.3)
     legend_below(figure)
-    figure.suptitle(f"{title}\nretrieval under {NOISE_WORDS.get(modality, modality)} noise")
+    where = "" if set(splits) <= {"val"} else f" on {' and '.join(map(split_words, splits))}"
+    noise = NOISE_WORDS.get(modality, modality)
+    figure.suptitle(f"{title}\nretrieval{where} under {noise} noise")
     return figure
 
 
@@ -217,7 +251,7 @@ def write_stress_report(
         return False
     groups = aggregate_stress(rows)
     buffer = io.StringIO()
-    fields = ["name", "train_images", "seed", "rate", *STRESS_METRICS]
+    fields = ["name", "train_images", "seed", "rate", "split", *STRESS_METRICS]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)

@@ -3,11 +3,14 @@
     adaptalign stress --config RUN/config.yaml --ckpt_path RUN/checkpoints/best.ckpt \
         --rates 0 0.1 0.2 0.3 0.5 --modality both --output RUN/stress
 
-The checkpoint is evaluated on the validation split once per rate, with the data module's
-``eval_noise`` perturbing captions (``text``), images (``image``) or both; rate 0 is the clean
-split. The noisy data is fixed for a rate and seed, so every method meets exactly the same corrupted
-pairs. Writes ``stress.json``, ``stress.csv``, ``stress.md`` and ``stress.png`` (R@1/5/10 of both
-directions against the rate). Any other argument goes to the Lightning CLI, as for ``validate``.
+The checkpoint is evaluated once per rate, with the data module's ``eval_noise`` perturbing
+captions (``text``), images (``image``) or both; rate 0 is the clean split. The split is the
+validation split, or, when the run selects apart from reporting (``data.selection_images``), the
+report split ``test``: ``val`` then is the split the checkpoint was selected on, and a stress figure
+is a reported one. The noisy data is fixed for a rate and seed, so every method meets exactly the
+same corrupted pairs. Writes ``stress.json``, ``stress.csv``, ``stress.md`` and ``stress.png``
+(R@1/5/10 of both directions against the rate), each naming the split. Any other argument goes to
+the Lightning CLI, as for ``validate``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,19 @@ from adaptalign.lightning_modules.metric_names import (
 
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.5)
 MODALITIES = ("text", "image", "both")
+# How the outputs name the split they are on.
+SPLIT_WORDS = {"val": "the validation split (val)", "test": "the report split (test)"}
+
+
+def stressed_split(selection_images: int | float | None) -> str:
+    """``test`` when a selection split is carved (``val`` selected the checkpoint, so a reported
+    figure comes from the report split), else ``val`` as before."""
+    return "val" if selection_images is None else "test"
+
+
+def split_words(split: str) -> str:
+    """The split as the outputs name it."""
+    return SPLIT_WORDS.get(split, f"the {split} split")
 
 
 def noise_for(rate: float, modality: str, seed: int) -> NoiseConfig | None:
@@ -107,7 +123,8 @@ def without_subcommand_keys(cli_args: list[str], folder: Path) -> list[str]:
 
 
 def evaluate(cli_args: list[str], options: argparse.Namespace) -> list[dict[str, Any]]:
-    """One validation per rate with the same model, data and checkpoint."""
+    """One evaluation per rate of :func:`stressed_split` with the same model, data and
+    checkpoint; each row names its split."""
     from adaptalign.lightning_cli.cli import build_cli
 
     ckpt = Path(options.ckpt_path)
@@ -118,15 +135,15 @@ def evaluate(cli_args: list[str], options: argparse.Namespace) -> list[dict[str,
     with tempfile.TemporaryDirectory() as folder:
         args = without_subcommand_keys(cli_args, Path(folder))
         cli = build_cli([*args, "--trainer.logger=false"], run=False)
+    split = stressed_split(cli.datamodule.selection_images)
+    run = cli.trainer.test if split == "test" else cli.trainer.validate
     rows = []
     for rate in rates:
         cli.datamodule.eval_noise = noise_for(rate, options.modality, options.noise_seed)
-        print(f"rate {rate:g} ({options.modality})", file=sys.stderr)
-        results = cli.trainer.validate(
-            cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), verbose=False
-        )[0]
-        row: dict[str, Any] = {"rate": rate, "modality": options.modality}
-        row.update({k.removeprefix("val/"): float(v) for k, v in results.items()})
+        print(f"rate {rate:g} ({options.modality}) on {split_words(split)}", file=sys.stderr)
+        results = run(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), verbose=False)[0]
+        row: dict[str, Any] = {"rate": rate, "modality": options.modality, "split": split}
+        row.update({k.removeprefix(f"{split}/"): float(v) for k, v in results.items()})
         rows.append(row)
     return rows
 
@@ -166,7 +183,8 @@ def write(rows: Sequence[dict[str, Any]], output: Path, modality: str) -> None:
 
     output.mkdir(parents=True, exist_ok=True)
     atomic_save(output / "stress.json", json.dumps(list(rows), indent=2) + "\n")
-    fields = ["rate", "modality", *RECALLS, RSUM, *MEDIAN_RANKS]
+    split = rows[0].get("split", "val") if rows else "val"
+    fields = ["rate", "modality", "split", *RECALLS, RSUM, *MEDIAN_RANKS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -174,9 +192,10 @@ def write(rows: Sequence[dict[str, Any]], output: Path, modality: str) -> None:
     atomic_save(output / "stress.csv", buffer.getvalue())
     atomic_save(
         output / "stress.md",
-        f"# Noise stress test ({modality})\n\nValidation retrieval in %.\n\n" + table(rows),
+        f"# Noise stress test ({modality})\n\nRetrieval on {split_words(split)} in %.\n\n"
+        + table(rows),
     )
-    atomic_save(output / "stress.png", plot(rows, f"retrieval under {modality} noise"))
+    atomic_save(output / "stress.png", plot(rows, f"{split} retrieval under {modality} noise"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
