@@ -472,9 +472,12 @@ def test_comparison_writes_summaries_and_results(comparison: tuple[Path, str]) -
         assert summary["seed"] == int(r["seed"])
         assert summary["train_size"] == int(r["train_images"]) == int(r["train_size"])
         best = max(summary["history"], key=lambda entry: entry["rsum"])
-        assert float(r["rsum"]) == pytest.approx(best["rsum"])
+        # selected on val, reported once on the test split (the comparison's default)
+        assert float(r["selection_rsum"]) == pytest.approx(best["rsum"])
+        assert summary["report"]["split"] == "test" and r["reported_on"].startswith("test (")
+        assert float(r["rsum"]) == pytest.approx(summary["report"]["rsum"])
         assert float(r["last_rsum"]) == pytest.approx(summary["last"]["rsum"])
-        assert int(r["best_epoch"]) == best["epoch"]
+        assert int(r["best_epoch"]) == best["epoch"] == summary["report"]["epoch"]
         assert list(folder.glob("version_0/events.out.tfevents.*"))  # TensorBoard per run
 
     markdown = (output / "results.md").read_text()

@@ -271,3 +271,29 @@ def test_a_trial_tune_stops_ends_its_fit_at_that_validation_and_ends_as_tune_exp
     folder = tmp_path / "out" / "trials" / "t1"
     assert not (folder / "seed0" / "summary.json").exists()  # the fit ended there
     assert not (folder / "seed1").exists()  # and the trial with it
+
+
+@pytest.mark.slow
+def test_a_trial_on_a_selection_split_never_evaluates_the_report_split(
+    tiny_text_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial only selects: its fit validates on the carved selection split and ends without
+    the evaluation of the report split (dev) that a plain fit with a selection split ends with."""
+    from adaptalign.experiments.tune_trial import run_trial
+
+    monkeypatch.setenv("ADAPTALIGN_CACHE", str(tmp_path / "cache"))
+    overrides = [
+        f"--model.text_tower.model_name={tiny_text_model}",
+        "--trainer.max_epochs=1",
+        "--data.generated.num_test=0",  # train and dev only, as Flickr8k in ../shared
+        "--data.selection_images=16",
+    ]
+    study = read_study(study_file(tmp_path, overrides=overrides, seeds=[0]))
+    sent: list[dict] = []
+    run_trial(study, "t1", {"model.lr": 0.003, "model.temperature": 0.1}, sent.append, True, 0.0)
+    summary = json.loads(
+        (tmp_path / "out" / "trials" / "t1" / "seed0" / "summary.json").read_text()
+    )
+    assert [m["epoch"] for m in sent] == [0] and summary["best"]["rsum"] == sent[0]["value"]
+    assert "report" not in summary
+    assert not any(k.startswith("test/") for k in summary["best"])

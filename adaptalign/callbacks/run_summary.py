@@ -9,9 +9,10 @@ total in a clock file beside the summary, so an attempt that resumes from a chec
 what the previous attempt spent after writing it. Only an attempt killed outright loses the time
 since its last checkpoint.
 
-A run with a selection split (``data.selection_images``) selects on ``val`` and is reported on
-``test``: the command line evaluates the selected checkpoint once on the report split after fit,
-and the summary, then written, carries that evaluation under ``report``.
+A run with a report split (a selection split carved by ``data.selection_images``, or
+``data.report_split: test``) selects on ``val`` and is reported on ``test``: the command line
+evaluates the selected checkpoint once on the report split after fit, and the summary, then
+written, carries that evaluation under ``report``.
 """
 
 from __future__ import annotations
@@ -156,8 +157,8 @@ class RunSummary(L.Callback):
         if self.fitted is None or not trainer.is_global_zero:
             return
         summary, self.fitted = self.fitted, None
-        selection = getattr(trainer.datamodule, "selection", None)
-        splits = selection.as_dict() if selection is not None else None
+        describe = getattr(trainer.datamodule, "report_splits", None)
+        splits = describe() if callable(describe) else None
         summary["report"] = report_entry(summary, trainer, splits)
         summary["wall_seconds"] = round(summary["wall_seconds"] + clock() - self.fit_ended, 3)
         self._write(summary)

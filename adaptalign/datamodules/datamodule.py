@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -72,7 +72,13 @@ class AlignmentDataModule(L.LightningDataModule):
             split, evaluated once on the selected checkpoint after ``fit``. The carve is seeded
             by ``split_seed`` only, so it is the same for every ``seed``, method and
             ``train_images``, whose subsets come from the rest of train. A data set that already
-            has a test split is refused: it selects on val and reports on test without this.
+            has a test split is refused: it selects on val and reports on test with
+            ``report_split``.
+        report_split: ``test`` makes the data set's own test split the report split, evaluated
+            once on the checkpoint selected on val after ``fit``; ``none`` never reports (a
+            tuning trial, which only selects); ``null`` (the default) reports on ``test`` with
+            ``selection_images`` (the relabelled dev) and nothing otherwise. ``val`` is refused:
+            it is the split runs are selected on.
         verify_images: fully decode every image once before training (finds truncated files).
         skip_bad_images: leave out missing or unreadable images (logged) instead of failing.
         feature_cache: serve frozen towers' features from the cache instead of raw inputs.
@@ -116,6 +122,7 @@ class AlignmentDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         train_images: int | float | None = None,
         selection_images: int | float | None = None,
+        report_split: Literal["test", "none"] | None = None,
         captions_per_image: int | None = None,
         verify_images: bool = False,
         skip_bad_images: bool = False,
@@ -147,7 +154,14 @@ class AlignmentDataModule(L.LightningDataModule):
         self.generated = generated or GeneratedConfig()
         self.cache_dir = cache_dir
         self.train_images = train_images
+        if report_split not in (None, "test", "none"):
+            refusal = " ('val' is the selection split: fit selects its checkpoint on it)"
+            raise ConfigurationError(
+                f"data.report_split={report_split!r}; expected 'test', 'none' or null"
+                + (refusal if report_split == "val" else "")
+            )
         self.selection_images = selection_images
+        self.report_split = report_split
         self.captions_per_image = captions_per_image
         self.verify_images = verify_images
         self.skip_bad_images = skip_bad_images
@@ -226,6 +240,35 @@ class AlignmentDataModule(L.LightningDataModule):
         self.caption_clusters = built.caption_clusters
         self.selection = built.selection
         self.splits = built.splits
+        if self.reports_on is not None and not self.splits.get(self.reports_on):
+            raise ConfigurationError(
+                f"data.report_split={self.reports_on}: {self.source} has no {self.reports_on} "
+                "split to report on; expected a data set with one (data.test_images, "
+                "data.generated.num_test) or a selection split carved from train "
+                "(data.selection_images)"
+            )
+
+    @property
+    def reports_on(self) -> str | None:
+        """The report split, evaluated once after fit on the checkpoint selected on val:
+        ``test`` with ``report_split: test`` or a carved selection split, unless ``none``."""
+        if self.report_split == "none":
+            return None
+        return "test" if self.selection_images is not None or self.report_split else None
+
+    def report_splits(self) -> dict[str, Any] | None:
+        """Which splits a run was selected and reported on, for its summary and comparisons."""
+        if self.selection is not None:
+            return self.selection.as_dict()
+        if self.reports_on is None or not self.splits:
+            return None
+        return {
+            "selected_on": "val",
+            "selection_images": len(self.splits.get("val", [])),
+            "reported_on": self.reports_on,
+            "report_images": len(self.splits[self.reports_on]),
+            "report_source": f"the data set's {self.reports_on} split",
+        }
 
     @property
     def cluster_sizes(self) -> np.ndarray | None:

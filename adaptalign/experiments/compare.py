@@ -43,6 +43,7 @@ from adaptalign.experiments.compare_settings import (
     split_overrides,
 )
 from adaptalign.experiments.compare_stress import run_stress, write_stress_report
+from adaptalign.experiments.paired import paired_intro, paired_table, shown_groups
 from adaptalign.experiments.ray_pool import add_placement_arguments, placement_from, ray_session
 
 
@@ -81,7 +82,19 @@ def build_parser() -> CompareParser:
     parser.add_argument(
         "--names", "--name", nargs="+", help="one name per config (default: file stems)"
     )
-    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2 3 4)")
+    parser.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="the config paired statistics compare the others with (default: the first; "
+        "'none': no paired statistics)",
+    )
+    parser.add_argument(
+        "--report-split",
+        choices=("test", "none"),
+        help="the split each run is evaluated on once, with the checkpoint selected on val "
+        "(default: test; 'none' reports the selection figure)",
+    )
     parser.add_argument(
         "--train-images",
         nargs="+",
@@ -119,16 +132,24 @@ def build_parser() -> CompareParser:
     return parser
 
 
-def write_report(output: Path, runs: list[Run], names: Sequence[str] | None = None) -> bool:
+def write_report(
+    output: Path,
+    runs: list[Run],
+    names: Sequence[str] | None = None,
+    baseline: str | None = None,
+) -> bool:
     """Writes the results of the finished runs; False when none has finished yet."""
     rows = finished_rows(report_order(runs, names))
     if not rows:
         print(f"no finished runs under {output / 'runs'}; nothing to report", flush=True)
         return False
-    groups = write_results(output, rows)
+    groups = write_results(output, rows, baseline=baseline)
     splits = splits_line(rows)
     heading = f"\n{splits}:" if splits else ""  # which split the numbers are on
     print(f"{heading}\n{markdown_table(groups)}", flush=True)
+    paired = shown_groups(rows, baseline)
+    if paired and baseline is not None:
+        print(f"{paired_intro(baseline)}\n\n{paired_table(paired)}", flush=True)
     print(f"wrote {output / 'results.csv'}, results.md and results.png ({len(rows)} runs)")
     return True
 
@@ -153,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     if options.report_only:
         runs = plan(settings) if settings.configs else discover_runs(settings.output)
-        write_report(settings.output, runs, settings.names or None)
+        write_report(settings.output, runs, settings.names or None, settings.baseline)
         write_stress_report(settings.output, runs, settings.stress_modality)
         return
     if not settings.configs:
@@ -164,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     placement = placement_from(options)
     runs = plan(settings)
     if options.dry_run:
-        print_plan(runs, settings.overrides)
+        print_plan(runs, settings.fit_overrides)
         return
 
     settings.output.mkdir(parents=True, exist_ok=True)
@@ -174,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # One Ray for the fits and the stress evaluations, started only when there is work.
     work = to_go > 0 or bool(settings.stress_rates)
     with ray_session(placement.address) if work else contextlib.nullcontext():
-        failures = run_all(runs, settings.overrides, placement)
-        write_report(settings.output, runs, settings.names)
+        failures = run_all(runs, settings.fit_overrides, placement)
+        write_report(settings.output, runs, settings.names, settings.baseline)
         if settings.stress_rates:
             run_stress(runs, settings.stress_rates, settings.stress_modality, placement)
             write_stress_report(settings.output, runs, settings.stress_modality)

@@ -22,6 +22,7 @@ import numpy as np
 
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.figures import new_figure, png_bytes
+from adaptalign.experiments.paired import paired_csv, paired_section, shown_groups
 from adaptalign.lightning_modules.metric_names import (
     GROUPS,
     RECALLS,
@@ -59,11 +60,13 @@ REPORT_FIELDS = ("selected_on", "reported_on", "selection_rsum")
 
 def split_words(splits: dict[str, Any]) -> tuple[str, str]:
     """``val (selection split, 1000 images carved from train)`` and ``test (dev, 1000 images)``:
-    which split a report's run was selected on and reported on, from its summary's ``splits``."""
+    which split a report's run was selected on and reported on, from its summary's ``splits``;
+    a data set's own val and test splits read ``val (selection split, 250 images)`` and
+    ``test (the data set's test split, 250 images)``."""
+    carved = f" carved from {splits['carved_from']}" if splits.get("carved_from") else ""
     selected = (
         f"{splits.get('selected_on', 'val')} (selection split, "
-        f"{splits.get('selection_images', '?')} images carved from "
-        f"{splits.get('carved_from', 'train')})"
+        f"{splits.get('selection_images', '?')} images{carved})"
     )
     reported = (
         f"{splits.get('reported_on', 'test')} ({splits.get('report_source', 'dev')}, "
@@ -392,17 +395,27 @@ def _x_value(group: dict[str, Any]) -> float | None:
 
 
 def write_results(
-    output: Path, rows: Sequence[dict[str, Any]], title: str | None = None
+    output: Path,
+    rows: Sequence[dict[str, Any]],
+    title: str | None = None,
+    baseline: str | None = None,
 ) -> list[dict[str, Any]]:
     """Writes ``results.csv``, ``results.md`` and ``results.png``; returns the groups.
 
-    The plot's title is ``title``, by default the comparison's output folder name.
+    With a ``baseline`` and 2 matched seeds or more, ``results.md`` ends with the paired
+    differences against it and ``paired.csv`` keeps each seed's difference. The plot's title is
+    ``title``, by default the comparison's output folder name.
     """
     groups = aggregate(rows)
     output.mkdir(parents=True, exist_ok=True)
     atomic_save(output / "results.csv", csv_text(rows))
     splits = splits_line(rows)
-    atomic_save(output / "results.md", report_markdown(groups, splits))
+    markdown = report_markdown(groups, splits)
+    paired = shown_groups(rows, baseline)
+    if paired and baseline is not None:
+        markdown += "\n" + paired_section(paired, baseline)
+        atomic_save(output / "paired.csv", paired_csv(paired, baseline))
+    atomic_save(output / "results.md", markdown)
     title = title or output.resolve().name
     atomic_save(output / "results.png", plot_png(groups, f"{title}\n{splits}" if splits else title))
     return groups

@@ -1,8 +1,14 @@
 """What a comparison runs: its settings (file and command line merged, checked) and its plan.
 
-A comparison file names configs (each a list of layered config files), seeds, training-set sizes,
-the output folder and extra ``fit`` arguments; the command line replaces its values. The plan is one
-run per config, size and seed, in seed order.
+A comparison file names configs (each a list of layered config files), seeds (5 by default),
+training-set sizes, the output folder, extra ``fit`` arguments, the report split and the baseline
+that paired statistics compare every config with; the command line replaces its values. The plan is
+one run per config, size and seed, in seed order.
+
+Every run selects its checkpoint on ``val``; ``report_split: test`` (the default) then evaluates
+it once on the report split (``data.report_split``, which a carved selection split also sets),
+and the results are that evaluation. ``null`` reports the selection figure itself, as an
+exploration may; ``val`` is refused, being the selection split.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ SETTINGS = (
     "overrides",
     "stress_rates",
     "stress_modality",
+    "baseline",
+    "report_split",
 )
+DEFAULT_SEEDS = [0, 1, 2, 3, 4]
+REPORT_SPLITS = ("test",)  # what a run can report on apart from val, its selection split
+UNSET = object()  # a setting given as null differs from one not given
 SETTING_ALIASES = {"name": "names", "override": "overrides", "seed": "seeds"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 OVERRIDE_OPTIONS = ("--override", "--overrides")
@@ -48,6 +59,14 @@ class Settings:
     overrides: list[str]
     stress_rates: list[float] = field(default_factory=list)
     stress_modality: str = "both"
+    baseline: str | None = None  # paired statistics compare every other config with this one
+    report_split: str | None = "test"
+
+    @property
+    def fit_overrides(self) -> list[str]:
+        """The runs' extra ``fit`` arguments: the report split's, then the comparison's own."""
+        report = [f"--data.report_split={self.report_split}"] if self.report_split else []
+        return report + self.overrides
 
 
 def parse_train_images(text: str | int | float | None) -> TrainImages:
@@ -166,7 +185,7 @@ def _configs_and_names(
 def _seeds_and_sizes(
     file: dict[str, Any], options: argparse.Namespace
 ) -> tuple[list[int], list[TrainImages]]:
-    seeds = options.seeds if options.seeds is not None else file.get("seeds", [0])
+    seeds = options.seeds if options.seeds is not None else file.get("seeds", DEFAULT_SEEDS)
     try:
         seeds = [int(s) for s in _as_list(seeds)]
     except (TypeError, ValueError) as exc:
@@ -182,6 +201,45 @@ def _seeds_and_sizes(
         if len(set(values)) != len(values):
             raise ValueError(f"{what} {values} repeat")
     return seeds, list(sizes)
+
+
+def _baseline(
+    file: dict[str, Any], options: argparse.Namespace, names: list[str], seeds: list[int]
+) -> str | None:
+    """The config paired statistics compare with: the first by default, none when given as
+    ``null``/``none``; a baseline asked for by name needs to be a config and 2 seeds or more."""
+    given = getattr(options, "baseline", None)
+    if given is None:
+        given = file.get("baseline", UNSET)
+    if given is UNSET:
+        return names[0] if names else None
+    if given is None or str(given).lower() in ("none", "null"):
+        return None
+    given = str(given)
+    if names and given not in names:
+        raise ValueError(f"baseline {given!r}: expected one of the configs' names {names}")
+    if len(seeds) < 2:
+        raise ValueError(
+            f"baseline {given!r}: paired statistics need at least 2 seeds; got seeds {seeds}"
+        )
+    return given
+
+
+def _report_split(file: dict[str, Any], options: argparse.Namespace) -> str | None:
+    """The split each run is reported on once after selection on val (``None``: on val)."""
+    given = getattr(options, "report_split", None)
+    if given is None:
+        given = file.get("report_split", "test")
+    if given is None or str(given).lower() in ("none", "null"):
+        return None
+    if given == "val":
+        raise ValueError(
+            "report_split 'val' is the selection split (each run selects its checkpoint on "
+            "val); expected 'test', or null to report the selection figure"
+        )
+    if given not in REPORT_SPLITS:
+        raise ValueError(f"report_split {given!r}: expected 'test' or null")
+    return str(given)
 
 
 def resolve_settings(options: argparse.Namespace, overrides: list[str]) -> Settings:
@@ -210,6 +268,8 @@ def resolve_settings(options: argparse.Namespace, overrides: list[str]) -> Setti
         file_overrides + overrides,
         list(rates),
         modality,
+        _baseline(file, options, names, seeds),
+        _report_split(file, options),
     )
 
 
@@ -223,6 +283,8 @@ def settings_document(settings: Settings) -> str:
         "train_images": [size_label(s) if s is None else s for s in settings.train_images],
         "output": str(settings.output),
         "overrides": settings.overrides,
+        "report_split": settings.report_split,
+        "baseline": settings.baseline,
     }
     if settings.stress_rates:
         document["stress_rates"] = settings.stress_rates

@@ -108,7 +108,8 @@ def run_trial(
             replay(board, run, study.metric)
             board.seed_done()
             continue
-        report = [f"--trainer.callbacks+={REPORT_CALLBACK}"]
+        # a trial selects: it never evaluates a report split (a carved selection's dev)
+        report = ["--data.report_split=none", f"--trainer.callbacks+={REPORT_CALLBACK}"]
         report += [
             f"--trainer.callbacks.metric={study.metric}",
             f"--trainer.callbacks.seed={run.seed}",

@@ -4,7 +4,8 @@ Every run saves its resolved config beside its TensorBoard logs, logs learning r
 checkpoint by validation rsum plus the last one (each written whole or not at all, so a killed run
 never leaves a truncated checkpoint), and ``predict`` writes embeddings to a file. With a selection
 split (``data.selection_images``) ``fit`` selects on it and ends by evaluating the selected
-checkpoint once on the report split (``test``).
+checkpoint once on the report split (``test``); so does ``data.report_split: test`` for a data set
+with a test split of its own.
 Settings that cannot work end the command with one clear message rather than a deep traceback.
 """
 
@@ -145,8 +146,9 @@ class AlignmentCLI(CheckedCLI):
         return super().instantiate_trainer(**kwargs)
 
     def reports_after_fit(self) -> bool:
-        """Whether the data carves a selection split, so fit is reported on ``test`` once."""
-        return getattr(self.datamodule, "selection_images", None) is not None
+        """Whether the data has a report split (a carved selection split, or
+        ``data.report_split: test``), so fit is reported on ``test`` once."""
+        return getattr(self.datamodule, "reports_on", None) is not None
 
     def before_fit(self) -> None:
         """The summary and the final table wait for the report evaluation, when one follows."""
