@@ -3,9 +3,9 @@
 After the fits, ``adaptalign compare --stress-rates 0 0.1 0.3`` runs ``adaptalign stress`` on every
 finished run that has no stress result yet (so re-running resumes here too), with the run's own
 saved config and its best checkpoint, and reports mean ± std over seeds per config, training size
-and noise rate (``results_stress.md``, ``results_stress.csv``, ``results_stress.png``). A run with a
-selection split is stressed on its report split (``test``), any other on ``val``; the outputs say
-which, and results on different splits are never averaged together.
+and noise rate (``results_stress.md``, ``results_stress.csv``, ``results_stress.png``). A run with
+a report split (``data.selection_images`` or ``data.report_split``) is stressed on it (``test``),
+any other on ``val``; the outputs say which, and results on different splits are never averaged.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@
 
 The checkpoint is evaluated once per rate, with the data module's ``eval_noise`` perturbing
 captions (``text``), images (``image``) or both; rate 0 is the clean split. The split is the
-validation split, or, when the run selects apart from reporting (``data.selection_images``), the
-report split ``test``: ``val`` then is the split the checkpoint was selected on, and a stress figure
-is a reported one. The noisy data is fixed for a rate and seed, so every method meets exactly the
-same corrupted pairs. Writes ``stress.json``, ``stress.csv``, ``stress.md`` and ``stress.png``
-(R@1/5/10 of both directions against the rate), each naming the split. Any other argument goes to
-the Lightning CLI, as for ``validate``.
+validation split, or, when the run selects apart from reporting (``data.selection_images`` or
+``data.report_split``), the report split ``test``: ``val`` then is the split the checkpoint was
+selected on, and a stress figure is a reported one. The noisy data is fixed for a rate and seed,
+so every method meets exactly the same corrupted pairs. Writes ``stress.json``, ``stress.csv``,
+``stress.md`` and ``stress.png`` (R@1/5/10 of both directions against the rate), each naming the
+split. Any other argument goes to the Lightning CLI, as for ``validate``.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ MODALITIES = ("text", "image", "both")
 SPLIT_WORDS = {"val": "the validation split (val)", "test": "the report split (test)"}
 
 
-def stressed_split(selection_images: int | float | None) -> str:
-    """``test`` when a selection split is carved (``val`` selected the checkpoint, so a reported
-    figure comes from the report split), else ``val`` as before."""
-    return "val" if selection_images is None else "test"
+def stressed_split(reports_on: str | None) -> str:
+    """The run's report split (``test``: carved by ``data.selection_images`` or set by
+    ``data.report_split``) when it has one, since ``val`` then selected the checkpoint and a
+    stress figure is a reported one; else ``val`` as before."""
+    return reports_on or "val"
 
 
 def split_words(split: str) -> str:
@@ -135,7 +136,7 @@ def evaluate(cli_args: list[str], options: argparse.Namespace) -> list[dict[str,
     with tempfile.TemporaryDirectory() as folder:
         args = without_subcommand_keys(cli_args, Path(folder))
         cli = build_cli([*args, "--trainer.logger=false"], run=False)
-    split = stressed_split(cli.datamodule.selection_images)
+    split = stressed_split(cli.datamodule.reports_on)
     run = cli.trainer.test if split == "test" else cli.trainer.validate
     rows = []
     for rate in rates:
