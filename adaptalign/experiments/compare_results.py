@@ -22,6 +22,14 @@ import numpy as np
 
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.figures import new_figure, png_bytes
+from adaptalign.experiments.collapse_flags import (
+    collapse_cell,
+    collapse_columns,
+    collapse_note,
+    collapse_section,
+    group_collapse,
+    shows_collapse,
+)
 from adaptalign.experiments.paired import paired_csv, paired_section, shown_groups
 from adaptalign.lightning_modules.metric_names import (
     GROUPS,
@@ -52,6 +60,8 @@ CSV_FIELDS = (
     "last_rsum",
     "wall_seconds",
     "collapsed",
+    "collapse_epochs",
+    "collapse_signs",
 )
 TABLE_METRICS = (*RECALLS, RSUM)
 # Columns added to the CSV when a run was reported on a split apart from its selection split.
@@ -77,7 +87,8 @@ def split_words(splits: dict[str, Any]) -> tuple[str, str]:
 
 def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[str, Any]:
     """One CSV row from a run's ``summary.json``: its best validation by rsum, last rsum, time,
-    and whether its last epoch was flagged as collapsed (empty when the run did not watch).
+    whether its last epoch was flagged as collapsed (empty when the run did not watch), and
+    every epoch flagged with why (:func:`~adaptalign.experiments.collapse_flags.collapse_columns`).
 
     A summary with a ``report`` gives the report split's metrics instead, of the epoch selected
     on the selection split (``best_epoch``), that epoch's selection rsum and the splits' names.
@@ -100,7 +111,7 @@ def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[
     row["last_epoch"] = last.get("epoch")
     row["last_rsum"] = last.get("rsum")
     row["wall_seconds"] = summary.get("wall_seconds")
-    row["collapsed"] = summary.get("collapsed")
+    row.update(collapse_columns(summary))
     return row
 
 
@@ -134,7 +145,10 @@ def describe(values: Sequence[float], confidence: float = 0.95) -> Stat:
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Groups rows by (name, train_images), in first-seen order, and describes each metric."""
+    """Groups rows by (name, train_images), in first-seen order, and describes each metric.
+
+    Runs flagged as collapsed stay in the statistics; ``collapse`` names them.
+    """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["name"], str(row["train_images"])), []).append(row)
@@ -153,6 +167,7 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_size": int(np.median(sizes)) if sizes else None,
                 "seeds": [int(r["seed"]) for r in members],
                 "stats": stats,
+                "collapse": group_collapse(members),
             }
         )
     return result
@@ -181,10 +196,12 @@ def metric_label(metric: str) -> str:
 
 
 def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
-    """One row per (config, training size): mean ± std over seeds and rsum's 95% interval."""
+    """One row per (config, training size): mean ± std over seeds and rsum's 95% interval;
+    when runs watched for a collapse, the seeds flagged at any epoch (kept in the means)."""
+    collapse = shows_collapse(groups)
     header = ["config", "train images", "seeds"]
     header += [metric_label(m) for m in TABLE_METRICS]
-    header += ["rsum 95% CI", "rsum (last epoch)"]
+    header += ["rsum 95% CI", "rsum (last epoch)"] + (["collapsed"] if collapse else [])
     lines = [
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
@@ -194,6 +211,7 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
         cells = [group["name"], group["train_images"], str(len(group["seeds"]))]
         cells += [format_stat(stats.get(metric)) for metric in TABLE_METRICS]
         cells += [format_interval(stats.get("rsum")), format_stat(stats.get("last_rsum"))]
+        cells += [collapse_cell(group)] if collapse else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -267,7 +285,10 @@ def report_markdown(groups: Sequence[dict[str, Any]], splits: str | None = None)
         "# Comparison\n\n"
         f"{intro} Cells are mean ± sample standard deviation (ddof=1) over seeds; the interval "
         "is the 95% Student-t interval of the mean rsum. A single seed shows its value and "
-        "`n=1`.\n\n" + markdown_table(groups) + buckets
+        f"`n=1`.{collapse_note(groups)}\n\n"
+        + markdown_table(groups)
+        + buckets
+        + collapse_section(groups)
     )
 
 

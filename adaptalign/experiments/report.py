@@ -29,6 +29,7 @@ from adaptalign.common.arguments import CommandParser
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.experiments import compare
+from adaptalign.experiments.collapse_flags import collapse_paragraph
 from adaptalign.experiments.compare_results import (
     aggregate,
     bucket_table,
@@ -191,6 +192,9 @@ def render_section(section: Section, figures: Path, document_dir: Path) -> str:
             "Head, middle and tail queries (terciles of the training cluster sizes; validation "
             "captions join their nearest cluster):\n\n" + buckets.rstrip()
         )
+    flagged = collapse_paragraph(groups)
+    if flagged:
+        parts.append(flagged.rstrip())
     figures.mkdir(parents=True, exist_ok=True)
     plot = figures / f"{section.name}.png"
     atomic_save(plot, plot_png(groups, section.title))
