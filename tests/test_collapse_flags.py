@@ -239,3 +239,16 @@ def test_a_real_collapsed_run_is_flagged_in_the_comparison_results(
     assert (row["collapsed"], row["collapse_epochs"]) == ("True", "0")
     # The collapsed run is in the mean: one seed, its own rsum.
     assert f"| {float(row['rsum']):.1f} | n=1 |" in table
+
+
+def test_the_progress_line_says_when_a_run_collapsed(tmp_path: Path) -> None:
+    from adaptalign.experiments.compare_runs import Run, headline
+
+    run = Run("a", "a.yaml", 16, 0, tmp_path)
+    best = {"epoch": 9, "rsum": 12.0, "i2t_R@1": 1.0, "t2i_R@1": 2.0}
+    records = [{"epoch": e, "loss_at_chance": True} for e in (4, 5, 6)]
+    summary = {"best": best, "collapsed": True, "collapse_epochs": records}
+    run.summary_path.write_text(json.dumps(summary))
+    assert headline(run) == "i2t R@1 1.0, t2i R@1 2.0, rsum 12.0, COLLAPSED at epochs 4-6"
+    run.summary_path.write_text(json.dumps({"best": best, "collapsed": False}))
+    assert headline(run) == "i2t R@1 1.0, t2i R@1 2.0, rsum 12.0"

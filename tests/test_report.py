@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -127,6 +128,15 @@ def test_report_writes_the_document_and_only_the_readme_summary(project: Path) -
     # Noise: rsum per rate, halved at 0.5.
     assert "| rsum at 0 | rsum at 0.5 |" in generated
     assert "| fixed | 100 | 2 | 90.0 ± 42.4 | 45.0 ± 21.2 |" in generated
+    assert "evaluated on the validation split (val) with noise at each rate" in generated
+    # Paired against the first config: mine - fixed is 180 - 60 = 120 (seed 0) and 192 - 120 = 72
+    # (seed 1), mean 96, standard error 24; t = 4 on 1 degree of freedom (a Cauchy distribution):
+    # p = 1 - 2 atan(4) / pi = 0.156, and the interval is 96 -+ 12.706 x 24.
+    assert "Paired differences in rsum against `fixed`" in generated
+    assert (
+        "| mine | 100 | 2 | +96.0 | [-208.9, +400.9] | "
+        f"{1 - 2 * math.atan(4) / math.pi:.3f} | 0: +120.0, 1: +72.0 |"
+    ) in generated
     # People's words around the numbers, in order, and both plots written and linked from the
     # document's own folder.
     order = [

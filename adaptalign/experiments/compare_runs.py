@@ -30,6 +30,7 @@ import torch
 
 from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.exit_status import BAD_INPUT
+from adaptalign.experiments.collapse_flags import collapse_columns, epochs_words
 from adaptalign.experiments.compare_results import summary_row
 from adaptalign.experiments.in_process import fit_here, needs_own_process
 from adaptalign.experiments.ray_pool import Placement, WorkerPool, worker_pool
@@ -372,6 +373,9 @@ def headline(run: Run) -> str:
         parts.append(
             f"on {report['split']}, epoch {report['epoch']} selected on {report['selected_on']}"
         )
+    flags = collapse_columns(summary)
+    if flags["collapse_epochs"]:
+        parts.append(f"COLLAPSED at {epochs_words(flags['collapse_epochs'])}")
     return ", ".join(parts)
 
 
