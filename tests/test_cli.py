@@ -242,7 +242,7 @@ def test_shipped_configs_parse(configs: list[str], capsys, monkeypatch: pytest.M
         assert printed["data"]["format"] == "flickr8k"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "compare").glob("*.yaml")), ids=str)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "compare").rglob("*.yaml")), ids=str)
 def test_comparison_files_plan_existing_configs(path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(ROOT)
     main(["compare", "--config", str(path), "--dry-run"])
