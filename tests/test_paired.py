@@ -166,7 +166,8 @@ def test_a_file_can_turn_paired_statistics_off(tmp_path: Path) -> None:
     [
         (
             ["--baseline", "c"],
-            "adaptalign: error: compare: baseline 'c': expected one of the configs' names ['a', 'b']",
+            "adaptalign: error: compare: baseline 'c': expected one of the configs' names "
+            "['a', 'b']",
         ),
         (
             ["--baseline", "a", "--seeds", "3"],
@@ -191,8 +192,8 @@ def test_reporting_on_the_selection_split_is_refused(tmp_path: Path, capsys) -> 
         main(["compare", "--config", str(spec), "--dry-run"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "adaptalign: error: compare: report_split 'val' is the selection split (each run selects its "
-        "checkpoint on val); expected 'test', or null to report the selection figure"
+        "adaptalign: error: compare: report_split 'val' is the selection split (each run "
+        "selects its checkpoint on val); expected 'test', or null to report the selection figure"
     )
 
 
