@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adaptalign.cli import main as cli_main
 from adaptalign.experiments import report
 from adaptalign.experiments.collapse_flags import (
     collapse_columns,
@@ -186,59 +184,7 @@ def test_the_results_document_lists_flagged_runs(
 # ----------------------------------------------------------------------------- a real run
 
 
-@pytest.mark.slow
-def test_a_real_collapsed_run_is_flagged_in_the_comparison_results(
-    tmp_path: Path, tiny_text_model: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A fixed temperature of 10^4 divides every cosine similarity to about 0: each InfoNCE row is
-    a uniform softmax, its loss log(batch size) at every step, so CollapseWatch flags the epoch."""
-    monkeypatch.setenv("ADAPTALIGN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    output = tmp_path / "out"
-    out, err = io.StringIO(), io.StringIO()
-    with (
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(err),
-        contextlib.suppress(SystemExit),
-    ):
-        cli_main(
-            [
-                "compare",
-                "--configs",
-                TINY,
-                "--seeds",
-                "0",
-                "--train-images",
-                "16",
-                "--jobs",
-                "1",
-                "--output",
-                str(output),
-                "--override",
-                f"--model.text_tower.model_name={tiny_text_model}",
-                "--model.temperature=10000",
-                "--model.temperature_bounds=[0.01,10000]",
-                "--model.learn_temperature=false",
-            ]
-        )
-    markdown = (output / "results.md").read_text()
-    written = json.loads((output / "runs/tiny/n16/seed0/summary.json").read_text())
-    assert written["collapsed"] is True, out.getvalue() + err.getvalue()
-    (record,) = written["collapse_epochs"]  # tiny.yaml trains one epoch
-    assert record["epoch"] == 0 and record["loss_at_chance"]
-    signs = "loss at log N (epoch 0)" + (
-        "; rsum at chance (epoch 0)" if record["rsum_at_chance"] else ""
-    )
-    table = next(line for line in markdown.splitlines() if line.startswith("| tiny | 16 | 1 |"))
-    assert table.endswith("| seed 0 (epoch 0) |")
-    assert (
-        f"- tiny, 16 training images, seed 0: epoch 0; {signs}; still flagged at its last epoch"
-    ) in markdown.splitlines()
-    with (output / "results.csv").open() as handle:
-        (row,) = csv.DictReader(handle)
-    assert (row["collapsed"], row["collapse_epochs"]) == ("True", "0")
-    # The collapsed run is in the mean: one seed, its own rsum.
-    assert f"| {float(row['rsum']):.1f} | n=1 |" in table
+# A real comparison with collapsed runs: tests/test_paired.py (one comparison checks both).
 
 
 def test_the_progress_line_says_when_a_run_collapsed(tmp_path: Path) -> None:
