@@ -116,7 +116,7 @@ def test_the_table_marks_what_the_seeds_support() -> None:
     assert lines[3] == (
         "| method | 200 | 2 | +0.0 | [-12.7, +12.7] | 1.000 | 0: -1.0, 1: +1.0 (unpaired: seed 2) |"
     )
-    assert list(csv.DictReader(io.StringIO(paired_csv(groups, "base"))))[3] == {
+    assert list(csv.DictReader(io.StringIO(paired_csv([("base", groups)]))))[3] == {
         "name": "method",
         "train_images": "200",
         "baseline": "base",
@@ -144,21 +144,23 @@ def settings_of(*argv: str):
 def test_comparisons_default_to_five_seeds_the_first_config_and_the_test_split() -> None:
     settings = settings_of("--configs", "a.yaml", "b.yaml", "--output", "out")
     assert settings.seeds == [0, 1, 2, 3, 4]
-    assert settings.baseline == "a" and settings.report_split == "test"
+    assert settings.baselines == ["a"] and settings.report_split == "test"
     assert settings.fit_overrides[0] == "--data.report_split=test"
     plain = settings_of(
         "--configs", "a.yaml", "b.yaml", "--output", "out", "--report-split", "none"
     )
     assert plain.report_split is None and "--data.report_split=test" not in plain.fit_overrides
     chosen = settings_of("--configs", "a.yaml", "b.yaml", "--output", "o", "--baseline", "b")
-    assert chosen.baseline == "b"
+    assert chosen.baselines == ["b"]
+    both = settings_of("--configs", "a.yaml", "b.yaml", "--output", "o", "--baseline", "b", "a")
+    assert both.baselines == ["b", "a"]
 
 
 def test_a_file_can_turn_paired_statistics_off(tmp_path: Path) -> None:
     spec = tmp_path / "c.yaml"
     spec.write_text("configs: [a.yaml, b.yaml]\noutput: out\nbaseline: null\nseeds: [0]\n")
     settings = settings_of("--config", str(spec))
-    assert settings.baseline is None and settings.seeds == [0]
+    assert settings.baselines == [] and settings.seeds == [0]
 
 
 @pytest.mark.parametrize(
@@ -318,3 +320,15 @@ def test_a_comparison_reports_the_test_split_with_paired_differences(
     assert flat_line.endswith("| seed 0 (epoch 0); seed 1 (epoch 0) |")
     mean = (float(rows[("flat", "0")]["rsum"]) + float(rows[("flat", "1")]["rsum"])) / 2
     assert f"| {mean:.1f} ± " in flat_line  # both collapsed seeds are in the mean
+
+
+def test_several_baselines_give_a_table_each() -> None:
+    from adaptalign.experiments.paired import paired_sections, paired_text
+
+    sections = paired_sections(ROWS, ["base", "method", "absent"])
+    assert [b for b, _ in sections] == ["base", "method"]  # nothing pairs with "absent"
+    text = paired_text(sections)
+    assert text.index("against `base`") < text.index("against `method`")
+    assert "| base | 100 | 3 | **-3.0** |" in text  # the same pairs, seen from the other side
+    rows = list(csv.DictReader(io.StringIO(paired_csv(sections))))
+    assert [(r["baseline"], r["name"]) for r in rows].count(("method", "base")) == 5

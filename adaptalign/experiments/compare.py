@@ -43,7 +43,7 @@ from adaptalign.experiments.compare_settings import (
     split_overrides,
 )
 from adaptalign.experiments.compare_stress import run_stress, write_stress_report
-from adaptalign.experiments.paired import paired_intro, paired_table, shown_groups
+from adaptalign.experiments.paired import paired_sections, paired_text
 from adaptalign.experiments.ray_pool import add_placement_arguments, placement_from, ray_session
 
 
@@ -86,7 +86,8 @@ def build_parser() -> CompareParser:
     parser.add_argument(
         "--baseline",
         metavar="NAME",
-        help="the config paired statistics compare the others with (default: the first; "
+        nargs="+",
+        help="the config(s) paired statistics compare the others with (default: the first; "
         "'none': no paired statistics)",
     )
     parser.add_argument(
@@ -136,20 +137,20 @@ def write_report(
     output: Path,
     runs: list[Run],
     names: Sequence[str] | None = None,
-    baseline: str | None = None,
+    baselines: Sequence[str] = (),
 ) -> bool:
     """Writes the results of the finished runs; False when none has finished yet."""
     rows = finished_rows(report_order(runs, names))
     if not rows:
         print(f"no finished runs under {output / 'runs'}; nothing to report", flush=True)
         return False
-    groups = write_results(output, rows, baseline=baseline)
+    groups = write_results(output, rows, baselines=baselines)
     splits = splits_line(rows)
     heading = f"\n{splits}:" if splits else ""  # which split the numbers are on
     print(f"{heading}\n{markdown_table(groups)}", flush=True)
-    paired = shown_groups(rows, baseline)
-    if paired and baseline is not None:
-        print(f"{paired_intro(baseline)}\n\n{paired_table(paired)}", flush=True)
+    paired = paired_sections(rows, baselines)
+    if paired:
+        print(paired_text(paired), flush=True)
     print(f"wrote {output / 'results.csv'}, results.md and results.png ({len(rows)} runs)")
     return True
 
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     if options.report_only:
         runs = plan(settings) if settings.configs else discover_runs(settings.output)
-        write_report(settings.output, runs, settings.names or None, settings.baseline)
+        write_report(settings.output, runs, settings.names or None, settings.baselines)
         write_stress_report(settings.output, runs, settings.stress_modality)
         return
     if not settings.configs:
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = to_go > 0 or bool(settings.stress_rates)
     with ray_session(placement.address) if work else contextlib.nullcontext():
         failures = run_all(runs, settings.fit_overrides, placement)
-        write_report(settings.output, runs, settings.names, settings.baseline)
+        write_report(settings.output, runs, settings.names, settings.baselines)
         if settings.stress_rates:
             run_stress(runs, settings.stress_rates, settings.stress_modality, placement)
             write_stress_report(settings.output, runs, settings.stress_modality)

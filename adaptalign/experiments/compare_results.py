@@ -30,7 +30,7 @@ from adaptalign.experiments.collapse_flags import (
     group_collapse,
     shows_collapse,
 )
-from adaptalign.experiments.paired import paired_csv, paired_section, shown_groups
+from adaptalign.experiments.paired import paired_csv, paired_sections, paired_text
 from adaptalign.lightning_modules.metric_names import (
     GROUPS,
     RECALLS,
@@ -419,23 +419,23 @@ def write_results(
     output: Path,
     rows: Sequence[dict[str, Any]],
     title: str | None = None,
-    baseline: str | None = None,
+    baselines: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Writes ``results.csv``, ``results.md`` and ``results.png``; returns the groups.
 
-    With a ``baseline`` and 2 matched seeds or more, ``results.md`` ends with the paired
-    differences against it and ``paired.csv`` keeps each seed's difference. The plot's title is
-    ``title``, by default the comparison's output folder name.
+    For each of the ``baselines`` with 2 matched seeds or more, ``results.md`` ends with the
+    paired differences against it and ``paired.csv`` keeps each seed's difference. The plot's
+    title is ``title``, by default the comparison's output folder name.
     """
     groups = aggregate(rows)
     output.mkdir(parents=True, exist_ok=True)
     atomic_save(output / "results.csv", csv_text(rows))
     splits = splits_line(rows)
     markdown = report_markdown(groups, splits)
-    paired = shown_groups(rows, baseline)
-    if paired and baseline is not None:
-        markdown += "\n" + paired_section(paired, baseline)
-        atomic_save(output / "paired.csv", paired_csv(paired, baseline))
+    paired = paired_sections(rows, baselines)
+    if paired:
+        markdown += f"\n## Paired differences\n\n{paired_text(paired)}"
+        atomic_save(output / "paired.csv", paired_csv(paired))
     atomic_save(output / "results.md", markdown)
     title = title or output.resolve().name
     atomic_save(output / "results.png", plot_png(groups, f"{title}\n{splits}" if splits else title))

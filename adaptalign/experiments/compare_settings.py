@@ -59,7 +59,7 @@ class Settings:
     overrides: list[str]
     stress_rates: list[float] = field(default_factory=list)
     stress_modality: str = "both"
-    baseline: str | None = None  # paired statistics compare every other config with this one
+    baselines: list[str] = field(default_factory=list)  # paired statistics compare with each
     report_split: str | None = "test"
 
     @property
@@ -203,26 +203,29 @@ def _seeds_and_sizes(
     return seeds, list(sizes)
 
 
-def _baseline(
+def _baselines(
     file: dict[str, Any], options: argparse.Namespace, names: list[str], seeds: list[int]
-) -> str | None:
-    """The config paired statistics compare with: the first by default, none when given as
-    ``null``/``none``; a baseline asked for by name needs to be a config and 2 seeds or more."""
+) -> list[str]:
+    """The configs paired statistics compare every other config with: the first by default,
+    none when given as ``null``/``none``; baselines asked for by name need to be configs and 2
+    seeds or more."""
     given = getattr(options, "baseline", None)
     if given is None:
         given = file.get("baseline", UNSET)
     if given is UNSET:
-        return names[0] if names else None
-    if given is None or str(given).lower() in ("none", "null"):
-        return None
-    given = str(given)
-    if names and given not in names:
-        raise ValueError(f"baseline {given!r}: expected one of the configs' names {names}")
-    if len(seeds) < 2:
+        return names[:1]
+    given = [] if given is None else _as_list(given)
+    if any(str(b).lower() in ("none", "null") for b in given):
+        return []
+    chosen = [str(b) for b in given]
+    for name in chosen:
+        if names and name not in names:
+            raise ValueError(f"baseline {name!r}: expected one of the configs' names {names}")
+    if chosen and len(seeds) < 2:
         raise ValueError(
-            f"baseline {given!r}: paired statistics need at least 2 seeds; got seeds {seeds}"
+            f"baseline {chosen[0]!r}: paired statistics need at least 2 seeds; got seeds {seeds}"
         )
-    return given
+    return list(dict.fromkeys(chosen))
 
 
 def _report_split(file: dict[str, Any], options: argparse.Namespace) -> str | None:
@@ -268,7 +271,7 @@ def resolve_settings(options: argparse.Namespace, overrides: list[str]) -> Setti
         file_overrides + overrides,
         list(rates),
         modality,
-        _baseline(file, options, names, seeds),
+        _baselines(file, options, names, seeds),
         _report_split(file, options),
     )
 
@@ -284,7 +287,7 @@ def settings_document(settings: Settings) -> str:
         "output": str(settings.output),
         "overrides": settings.overrides,
         "report_split": settings.report_split,
-        "baseline": settings.baseline,
+        "baseline": settings.baselines or None,
     }
     if settings.stress_rates:
         document["stress_rates"] = settings.stress_rates

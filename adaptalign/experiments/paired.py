@@ -179,25 +179,27 @@ def paired_intro(baseline: str, metric: str = RSUM) -> str:
 PAIRED_FIELDS = ("name", "train_images", "baseline", "seed", "difference")
 
 
-def paired_csv(groups: Sequence[dict[str, Any]], baseline: str) -> str:
-    """Each seed's difference as CSV, to recompute or test the statistics elsewhere."""
+def paired_csv(sections: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
+    """Each seed's difference against each baseline as CSV, to recompute the statistics
+    elsewhere; ``sections`` as :func:`paired_sections` gives them."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PAIRED_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for group in groups:
-        paired: Paired | None = group["paired"]
-        if paired is None:
-            continue
-        for seed, difference in zip(paired.seeds, paired.differences, strict=True):
-            writer.writerow(
-                {
-                    "name": group["name"],
-                    "train_images": group["train_images"],
-                    "baseline": baseline,
-                    "seed": seed,
-                    "difference": round(difference, 6),
-                }
-            )
+    for baseline, groups in sections:
+        for group in groups:
+            paired: Paired | None = group["paired"]
+            if paired is None:
+                continue
+            for seed, difference in zip(paired.seeds, paired.differences, strict=True):
+                writer.writerow(
+                    {
+                        "name": group["name"],
+                        "train_images": group["train_images"],
+                        "baseline": baseline,
+                        "seed": seed,
+                        "difference": round(difference, 6),
+                    }
+                )
     return buffer.getvalue()
 
 
@@ -211,6 +213,13 @@ def shown_groups(rows: Sequence[dict[str, Any]], baseline: str | None) -> list[d
     return groups
 
 
-def paired_section(groups: Sequence[dict[str, Any]], baseline: str) -> str:
-    """The paired table with its heading and introduction, for a results document."""
-    return f"## Paired differences\n\n{paired_intro(baseline)}\n\n{paired_table(groups)}"
+def paired_sections(
+    rows: Sequence[dict[str, Any]], baselines: Sequence[str]
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(baseline, its paired groups) for every baseline with something to show, in order."""
+    return [(b, groups) for b in baselines if (groups := shown_groups(rows, b))]
+
+
+def paired_text(sections: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
+    """Each baseline's introduction and table, one after the other ("" when there is none)."""
+    return "\n".join(f"{paired_intro(b)}\n\n{paired_table(groups)}" for b, groups in sections)

@@ -48,7 +48,7 @@ from adaptalign.experiments.compare_stress import (
     stress_rows,
     stress_splits,
 )
-from adaptalign.experiments.paired import paired_intro, paired_table, shown_groups
+from adaptalign.experiments.paired import paired_sections, paired_text
 from adaptalign.experiments.stress import split_words
 
 BEGIN = (
@@ -204,9 +204,9 @@ def render_section(section: Section, figures: Path, document_dir: Path) -> str:
     flagged = collapse_paragraph(groups)
     if flagged:
         parts.append(flagged.rstrip())
-    paired = shown_groups(rows, settings.baseline)
-    if paired and settings.baseline is not None:
-        parts.append(f"{paired_intro(settings.baseline)}\n\n{paired_table(paired).rstrip()}")
+    paired = paired_sections(rows, settings.baselines)
+    if paired:
+        parts.append(paired_text(paired).rstrip())
     figures.mkdir(parents=True, exist_ok=True)
     plot = figures / f"{section.name}.png"
     atomic_save(plot, plot_png(groups, section.title))
