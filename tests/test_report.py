@@ -269,3 +269,19 @@ def test_a_section_of_runs_reported_apart_from_their_selection_says_which_split_
         "Retrieval in %, selected on val (selection split, 40 images carved from train), "
         "reported on test (dev, 20 images). Each run's checkpoint" in document
     )
+
+
+def test_a_plot_of_many_configs_gives_each_its_own_colour() -> None:
+    from adaptalign.experiments.compare_results import aggregate, results_figure
+
+    rows = [
+        {"name": f"c{i}", "train_images": size, "seed": 0, "rsum": float(i), "t2i_R@1": 1.0}
+        for i in range(12)
+        for size in ("100", "200")
+    ]
+    figure = results_figure(aggregate(rows), "twelve")
+    lines = [container.lines[0] for container in figure.axes[0].containers]
+    colours = {str(line.get_color()) for line in lines}
+    assert len(lines) == 12
+    assert len(colours) == 12
+    assert figure.axes[0].get_ylabel() == "rsum (epoch selected on val)"

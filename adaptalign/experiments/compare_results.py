@@ -305,7 +305,20 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-PANELS = (("rsum", "rsum (best val epoch)"), ("t2i_R@1", "t→i R@1 (%, best val epoch)"))
+PANELS = (
+    ("rsum", "rsum (epoch selected on val)"),
+    ("t2i_R@1", "t→i R@1 (%, epoch selected on val)"),
+)
+
+
+def config_colour(index: int, count: int) -> str | tuple[float, ...]:
+    """Matplotlib's 10 default colours, or its 20-colour table for more configs, so that no two
+    configs of one plot share a colour."""
+    if count <= 10:
+        return f"C{index}"
+    from matplotlib import colormaps
+
+    return tuple(colormaps["tab20"](index % 20))
 
 
 def legend_below(figure: Figure) -> None:
@@ -362,7 +375,13 @@ def _lines_over_sizes(
         if points:
             xs, means, errors = (list(v) for v in zip(*points, strict=True))
             axis.errorbar(
-                xs, means, yerr=errors, marker="o", capsize=3, label=name, color=f"C{index}"
+                xs,
+                means,
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                label=name,
+                color=config_colour(index, len(names)),
             )
     if min(sizes) > 0:
         axis.set_xscale("log")
@@ -389,7 +408,7 @@ def _categories(
                 yerr=[stat.half_width or 0.0],
                 marker="o",
                 capsize=4,
-                color=f"C{index}",
+                color=config_colour(index, len(names)),
             )
     if len(names) > 3:  # slanted and anchored at their ends, so long names do not overlap
         axis.set_xticks(range(len(names)), names, rotation=40, ha="right", rotation_mode="anchor")

@@ -209,7 +209,8 @@ def render_section(section: Section, figures: Path, document_dir: Path) -> str:
         parts.append(paired_text(paired).rstrip())
     figures.mkdir(parents=True, exist_ok=True)
     plot = figures / f"{section.name}.png"
-    atomic_save(plot, plot_png(groups, section.title))
+    title = f"{section.title}\n{splits}" if splits else section.title
+    atomic_save(plot, plot_png(groups, title))
     noisy = stress_rows(ordered, settings.stress_modality) if settings.stress_rates else []
     stress_plot_path = None
     if noisy:
