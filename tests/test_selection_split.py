@@ -510,7 +510,7 @@ def test_a_comparison_with_a_selection_split_reports_the_report_split(
     # each run's progress line gives its report-split numbers and where its epoch was chosen
     done = [line for line in out.getvalue().splitlines() if " done in " in line]
     assert len(done) == 2 and all(", on test, epoch " in line for line in done), done
-    assert all(" selected on val); " in line for line in done), done
+    assert all(", epoch " in line and " selected on val" in line for line in done), done
     with (output / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["seed"] for r in rows] == ["0", "1"]
