@@ -144,11 +144,11 @@ def write_report(
     if not rows:
         print(f"no finished runs under {output / 'runs'}; nothing to report", flush=True)
         return False
-    groups = write_results(output, rows, baselines=baselines)
+    paired = paired_sections(rows, baselines)
+    groups = write_results(output, rows, paired=paired)
     splits = splits_line(rows)
     heading = f"\n{splits}:" if splits else ""  # which split the numbers are on
     print(f"{heading}\n{markdown_table(groups)}", flush=True)
-    paired = paired_sections(rows, baselines)
     if paired:
         print(paired_text(paired), flush=True)
     print(f"wrote {output / 'results.csv'}, results.md and results.png ({len(rows)} runs)")

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +28,8 @@ from adaptalign.experiments.collapse_flags import (
     group_collapse,
     shows_collapse,
 )
-from adaptalign.experiments.paired import paired_csv, paired_sections, paired_text
+from adaptalign.experiments.paired import paired_csv, paired_text
+from adaptalign.experiments.seed_stats import Stat, describe
 from adaptalign.lightning_modules.metric_names import (
     GROUPS,
     RECALLS,
@@ -113,35 +112,6 @@ def summary_row(name: str, train_images: str, seed: int, summary: dict) -> dict[
     row["wall_seconds"] = summary.get("wall_seconds")
     row.update(collapse_columns(summary))
     return row
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean over seeds, sample standard deviation (ddof=1) and the 95% t-interval half-width."""
-
-    mean: float
-    std: float | None
-    half_width: float | None
-    n: int
-
-    @property
-    def interval(self) -> tuple[float, float] | None:
-        if self.half_width is None:
-            return None
-        return (self.mean - self.half_width, self.mean + self.half_width)
-
-
-def describe(values: Sequence[float], confidence: float = 0.95) -> Stat:
-    """Spread over seeds; a single value has no standard deviation and no interval."""
-    from scipy import stats  # only reports need scipy
-
-    n = len(values)
-    mean = float(np.mean(values))
-    if n < 2:
-        return Stat(mean, None, None, n)
-    std = float(np.std(values, ddof=1))
-    quantile = float(stats.t.ppf((1 + confidence) / 2, df=n - 1))
-    return Stat(mean, std, quantile * std / math.sqrt(n), n)
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -438,20 +408,20 @@ def write_results(
     output: Path,
     rows: Sequence[dict[str, Any]],
     title: str | None = None,
-    baselines: Sequence[str] = (),
+    paired: Sequence[tuple[str, Sequence[dict[str, Any]]]] = (),
 ) -> list[dict[str, Any]]:
     """Writes ``results.csv``, ``results.md`` and ``results.png``; returns the groups.
 
-    For each of the ``baselines`` with 2 matched seeds or more, ``results.md`` ends with the
-    paired differences against it and ``paired.csv`` keeps each seed's difference. The plot's
-    title is ``title``, by default the comparison's output folder name.
+    With ``paired`` (:func:`~adaptalign.experiments.paired.paired_sections` of the rows),
+    ``results.md`` ends with the paired differences against each baseline and ``paired.csv``
+    keeps each seed's difference. The plot's title is ``title``, by default the comparison's
+    output folder name.
     """
     groups = aggregate(rows)
     output.mkdir(parents=True, exist_ok=True)
     atomic_save(output / "results.csv", csv_text(rows))
     splits = splits_line(rows)
     markdown = report_markdown(groups, splits)
-    paired = paired_sections(rows, baselines)
     if paired:
         markdown += f"\n## Paired differences\n\n{paired_text(paired)}"
         atomic_save(output / "paired.csv", paired_csv(paired))

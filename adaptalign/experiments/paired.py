@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adaptalign.experiments.seed_stats import describe
 from adaptalign.lightning_modules.metric_names import RSUM
 
 MIN_SEEDS = 2  # one paired difference has no spread, hence no interval and no test
@@ -56,7 +56,8 @@ def paired_difference(
     baseline: Sequence[float],
     confidence: float = 0.95,
 ) -> Paired:
-    """The mean of ``values[i] - baseline[i]``, its t-interval and the paired t-test's p-value.
+    """The mean of ``values[i] - baseline[i]``, its t-interval (:func:`describe`, as for any mean
+    over seeds) and the paired t-test's p-value.
 
     Identical differences have no spread: the interval is the point itself and the test's p-value
     is 0 (every seed moved by the same non-zero amount) or 1 (no seed moved).
@@ -68,17 +69,14 @@ def paired_difference(
     if not seeds:
         raise ValueError("no seeds to pair")
     differences = tuple(float(v) - float(b) for v, b in zip(values, baseline, strict=True))
-    n = len(differences)
-    mean = math.fsum(differences) / n
-    if n < MIN_SEEDS:
-        return Paired(tuple(seeds), differences, mean, None, None)
-    std = math.sqrt(math.fsum((d - mean) ** 2 for d in differences) / (n - 1))
-    quantile = float(stats.t.ppf((1 + confidence) / 2, df=n - 1))
-    if std == 0:
-        return Paired(tuple(seeds), differences, mean, 0.0, 0.0 if mean != 0 else 1.0)
-    t = mean / (std / math.sqrt(n))
-    p_value = float(2 * stats.t.sf(abs(t), df=n - 1))
-    return Paired(tuple(seeds), differences, mean, quantile * std / math.sqrt(n), p_value)
+    spread = describe(differences, confidence)
+    if spread.std is None:
+        p_value = None
+    elif spread.std == 0:
+        p_value = 0.0 if spread.mean != 0 else 1.0
+    else:
+        p_value = float(stats.ttest_1samp(differences, 0.0).pvalue)
+    return Paired(tuple(seeds), differences, spread.mean, spread.half_width, p_value)
 
 
 def paired_groups(

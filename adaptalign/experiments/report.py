@@ -157,14 +157,15 @@ def stress_table(groups: Sequence[dict[str, Any]], modality: str) -> str:
     for group in groups:
         key = (group["name"], group["train_images"], group.get("split", "val"))
         cells.setdefault(key, {})[group["rate"]] = group
-    mixed = len(stress_splits(groups)) > 1  # then each row names its split
+    splits = stress_splits(groups)
+    mixed = len(splits) > 1  # then each row names its split
     for (name, size, split), by_rate in cells.items():
         seeds = sorted({g["seeds"] for g in by_rate.values()})
         row = [f"{name} ({split})" if mixed else name, size, "/".join(str(s) for s in seeds)]
         row += [format_stat(by_rate[r]["stats"].get("rsum")) if r in by_rate else "" for r in rates]
         lines.append("| " + " | ".join(row) + " |")
     noise = NOISE_WORDS[modality]
-    where = " or ".join(split_words(split) for split in stress_splits(groups))
+    where = " or ".join(split_words(split) for split in splits)
     return (
         f"Under {noise} noise (every run's selected checkpoint evaluated on {where} with noise "
         "at each rate, `adaptalign stress`; rsum, mean ± std over seeds):\n\n"
