@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
 import shutil
@@ -37,6 +35,7 @@ from adaptalign.experiments.compare_results import (
 from adaptalign.experiments.compare_settings import resolve_settings, split_overrides
 from adaptalign.experiments.compare_stress import aggregate_stress, stress_figure
 from tests.helpers.builders import COMBINED_METHODS
+from tests.helpers.command_line import compare_here
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
@@ -404,27 +403,7 @@ def test_repeated_names_are_refused(capsys) -> None:
 
 def compare(output: Path, tiny_text_model: str, *extra: str) -> tuple[int, str, str]:
     """``adaptalign compare`` through the real entry point; returns exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            text_model = f"--model.text_tower.model_name={tiny_text_model}"
-            cli_main(
-                [
-                    "compare",
-                    "--seeds",
-                    "0",
-                    "1",
-                    "--output",
-                    str(output),
-                    *extra,
-                    "--override",
-                    text_model,
-                ]
-            )
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
+    return compare_here(output, tiny_text_model, extra)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ comparison settings that choose both."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -25,6 +24,7 @@ from adaptalign.experiments.paired import (
     paired_table,
     shown_groups,
 )
+from tests.helpers.command_line import compare_here
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -252,34 +252,13 @@ def test_a_comparison_reports_the_test_split_with_paired_differences(
         "  learn_temperature: false\n"
     )
     output = tmp_path / "out"
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        main(
-            [
-                "compare",
-                "--configs",
-                TINY,
-                f"{TINY}+{flat}",
-                "--names",
-                "base",
-                "flat",
-                "--seeds",
-                "0",
-                "1",
-                "--output",
-                str(output),
-                "--jobs",
-                "2",
-                "--override",
-                f"--model.text_tower.model_name={tiny_text_model}",
-            ]
-        )
-    printed = out.getvalue()
+    args = ["--configs", TINY, f"{TINY}+{flat}", "--names", "base", "flat", "--jobs", "2"]
+    _, printed, err = compare_here(output, tiny_text_model, args)
     header = (
         "selected on val (selection split, 16 images), "
         "reported on test (the data set's test split, 16 images)"
     )
-    assert f"\n{header}:\n| config |" in printed, printed + err.getvalue()
+    assert f"\n{header}:\n| config |" in printed, printed + err
     with (output / "results.csv").open() as handle:
         rows = {(r["name"], r["seed"]): r for r in csv.DictReader(handle)}
     for (name, seed), r in rows.items():

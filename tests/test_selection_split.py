@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -33,6 +32,7 @@ from adaptalign.experiments.compare_results import (
     summary_row,
 )
 from adaptalign.lightning_cli.cli import selected_checkpoint
+from tests.helpers.command_line import compare_here
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
 # Train and dev only, like the Flickr8k this project is given: 40 train, 8 dev images.
@@ -483,32 +483,15 @@ def test_a_comparison_with_a_selection_split_reports_the_report_split(
     monkeypatch.setenv("ADAPTALIGN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     output = tmp_path / "out"
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        main(
-            [
-                "compare",
-                "--configs",
-                TINY,
-                "--seeds",
-                "0",
-                "1",
-                "--output",
-                str(output),
-                "--jobs",
-                "2",
-                "--override",
-                f"--model.text_tower.model_name={tiny_text_model}",
-                *TRAIN_DEV_OPTIONS,
-            ]
-        )
+    args = ["--configs", TINY, "--jobs", "2"]
+    _, printed, err = compare_here(output, tiny_text_model, args, TRAIN_DEV_OPTIONS)
     header = (
         "selected on val (selection split, 16 images carved from train), "
         "reported on test (dev, 16 images)"
     )
-    assert f"\n{header}:\n| config |" in out.getvalue(), out.getvalue() + err.getvalue()
+    assert f"\n{header}:\n| config |" in printed, printed + err
     # each run's progress line gives its report-split numbers and where its epoch was chosen
-    done = [line for line in out.getvalue().splitlines() if " done in " in line]
+    done = [line for line in printed.splitlines() if " done in " in line]
     assert len(done) == 2 and all(", on test, epoch " in line for line in done), done
     assert all(", epoch " in line and " selected on val" in line for line in done), done
     with (output / "results.csv").open() as handle:
