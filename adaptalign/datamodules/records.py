@@ -18,6 +18,10 @@ class Record:
     ``image_path`` is resolved so records from different roots compare and hash reliably;
     ``split`` is already normalised (Karpathy's "restval" is training data); ``objects`` holds the
     ontology tags a curriculum can group by, empty when the source does not annotate them.
+
+    A pair read from a WebDataset tar shard has no file of its own: ``shard`` is the shard's path
+    or URL and ``key`` the sample's key in it, and ``image_path`` (``<shard>/<key>``) only names
+    it in messages; its image is read by streaming the shard.
     """
 
     image_path: Path
@@ -25,6 +29,8 @@ class Record:
     image_id: int
     split: str
     objects: tuple[str, ...] = ()
+    shard: str = ""
+    key: str = ""
 
 
 def load_json_object(path: Path, what: str, example: str) -> dict[str, Any]:
