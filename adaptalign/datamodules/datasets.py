@@ -8,7 +8,8 @@ its cached features stand in for the raw input (``image_features`` / ``text_feat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import io
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,9 +84,39 @@ def load_image(path: Path) -> Image.Image:
         ) from exc
 
 
-def load_record_image(record: Record, noise: NoiseConfig | None = None) -> Image.Image:
-    """The record's image, with the noise config's image noise keyed by its image id."""
-    image = load_image(record.image_path)
+# A shard's images are only seen as they stream, so the hint is about skipping, not checking.
+UNDECODABLE_SAMPLE_HINT = (
+    "expected a complete, readable image; data.skip_bad_images: true counts and skips such samples"
+)
+
+
+def decode_image(data: bytes, source: str) -> Image.Image:
+    """Decode an image held in memory (a shard's member), naming ``source`` if it cannot be."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetFormatError(
+            f"{source}: cannot decode image ({exc}); {UNDECODABLE_SAMPLE_HINT}"
+        ) from exc
+
+
+def load_record_image(
+    record: Record, noise: NoiseConfig | None = None, data: bytes | None = None
+) -> Image.Image:
+    """The record's image, with the noise config's image noise keyed by its image id.
+
+    ``data``: the image's bytes when they were read already (a pair streamed from a shard).
+    """
+    if data is not None:
+        image = decode_image(data, str(record.image_path))
+    elif record.shard:
+        raise DatasetFormatError(
+            f"{record.image_path}: a pair stored in a WebDataset shard; its image is read by "
+            "streaming the shard, not by path"
+        )
+    else:
+        image = load_image(record.image_path)
     if noise is not None and noise.image_rate > 0:
         image = noise.image(image, record.image_id)
     return image
@@ -96,10 +127,11 @@ def _image_input(
     transform: Transform,
     features: FrozenFeatures | None,
     noise: NoiseConfig | None,
+    data: bytes | None = None,
 ) -> dict[str, Tensor]:
     if features is not None and features.image is not None:
         return {"image_features": features.image[record.image_id]}
-    return {"images": transform(load_record_image(record, noise))}
+    return {"images": transform(load_record_image(record, noise, data))}
 
 
 class TrainPairs(Dataset):
@@ -131,9 +163,26 @@ class TrainPairs(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self.records[index]
+        return self.pair(
+            index, epoch, _image_input(record, self.transform, self.features, self.image_noise)
+        )
+
+    def streamed(self, index: int, epoch: int, image: bytes | Tensor) -> dict:
+        """The pair of ``index`` in ``epoch`` whose image came with a stream: the image's bytes
+        (decoded, noised and transformed here) or its frozen features read from the cache."""
+        if isinstance(image, Tensor):
+            return self.pair(index, epoch, {"image_features": image})
+        record = self.records[index]
+        pixels = load_record_image(record, self.image_noise, image)
+        return self.pair(index, epoch, {"images": self.transform(pixels)})
+
+    def pair(self, index: int, epoch: int, image: dict[str, Tensor]) -> dict:
+        """The training item of ``index`` in ``epoch`` around its image input (pixels or
+        features): the epoch's caption, its cached features and its cluster."""
+        record = self.records[index]
         caption = self.caption_index(index, epoch)
         item = {
-            **_image_input(record, self.transform, self.features, self.image_noise),
+            **image,
             "texts": record.captions[caption],
             "index": index,
             "image_id": record.image_id,
@@ -203,11 +252,14 @@ class EvalImages(Dataset):
         features: FrozenFeatures | None = None,
         clusters: CaptionClusters | None = None,
         image_noise: NoiseConfig | None = None,
+        image_bytes: Mapping[int, bytes] | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.features = features
         self.image_noise = image_noise
+        # Images of pairs stored in shards, read from them once, by image id.
+        self.image_bytes = image_bytes or {}
         self.clusters = clusters if clusters is not None and clusters.eval_buckets else None
         counts = [len(r.captions) for r in self.records]
         self.first_caption = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
@@ -218,8 +270,9 @@ class EvalImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         start = self.first_caption[index]
+        data = self.image_bytes.get(record.image_id)
         item = {
-            **_image_input(record, self.transform, self.features, self.image_noise),
+            **_image_input(record, self.transform, self.features, self.image_noise, data),
             "image_id": record.image_id,
             "texts": list(record.captions),
             "text_id": list(range(start, start + len(record.captions))),
