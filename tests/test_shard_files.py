@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,14 @@ def test_the_identity_changes_with_the_file_and_not_with_its_spelling(
     os.utime(shard, ns=(0, 12345))
     assert shard_identity(str(shard)) != before
     assert shard_identity("https://a/x.tar") != shard_identity("https://a/y.tar")
+
+
+def test_a_member_named_twice_is_refused(tmp_path: Path) -> None:
+    shard = tmp_path / "a.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("1.txt", "1.jpg", "1.JPG"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(DatasetFormatError, match=r"a\.tar: member '1\.JPG' appears twice"):
+        list(read_samples(str(shard)))
