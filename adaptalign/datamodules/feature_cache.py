@@ -146,7 +146,7 @@ class FeatureCache:
         """The stored rows of the ``wanted`` item keys (those not stored are simply absent)."""
         found = Rows()
         for path in self.chunks(kind, model_key):
-            chunk = _read_chunk(path)
+            chunk = read_chunk(path)
             if chunk is None:
                 continue
             keys, features, lengths = chunk
@@ -254,7 +254,7 @@ class FeatureCache:
         def flush() -> None:
             rows: Tensor | Ragged = ragged[:] if ragged else torch.cat(pending)
             if half:
-                rows = _in_half(rows, kind)
+                rows = in_half(rows, kind)
             self.write_chunk(kind, model_key, names, rows)
             done.add(list(names), rows)
             names.clear()
@@ -334,7 +334,7 @@ class FeatureCache:
 HALF_MAX = torch.finfo(torch.float16).max
 
 
-def _in_half(rows: Tensor | Ragged, kind: str) -> Tensor | Ragged:
+def in_half(rows: Tensor | Ragged, kind: str) -> Tensor | Ragged:
     """The rows in float16, or unchanged (float32) when a value lies beyond its range."""
     parts = rows if isinstance(rows, list) else [rows]
     largest = max((float(r.abs().max()) for r in parts if r.numel()), default=0.0)
@@ -374,7 +374,7 @@ def size_text(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _read_chunk(path: Path) -> tuple[list[str], Tensor, Tensor | None] | None:
+def read_chunk(path: Path) -> tuple[list[str], Tensor, Tensor | None] | None:
     """A chunk's keys, (memory-mapped) rows and, for ragged rows, their lengths; ``None`` when it
     is unreadable.
 

@@ -122,9 +122,16 @@ def text_model_key(backbone: nn.Module) -> str:
 
 def image_key(record: Record, noise: NoiseConfig | None) -> str:
     """The image's bytes; noisy images add the noise settings and the image id they are keyed by."""
-    parts = [record.image_path.read_bytes()]
+    return image_bytes_key(record.image_path.read_bytes(), noise, record.image_id)
+
+
+def image_bytes_key(data: bytes, noise: NoiseConfig | None, image_id: int | None = None) -> str:
+    """:func:`image_key` of an image's bytes, however they were read (a file, a shard's member):
+    the same image stored either way has one key, so its features are computed once. Noisy
+    images need their ``image_id``."""
+    parts = [data]
     if noise is not None:
-        parts += [repr(noise).encode(), str(record.image_id).encode()]
+        parts += [repr(noise).encode(), str(image_id).encode()]
     return digest(parts)
 
 
@@ -148,14 +155,28 @@ def encode_images(
         num_workers=num_workers,
         generator=torch.Generator(),
     )
-    device = next(iter(tower.frozen_state().values())).device
+    device = tower_device(tower)
     start = 0
     for images in loader:
         count = images.shape[0]
-        with torch.no_grad():
-            rows = tower.frozen_features(full_batch(images, IMAGE_BATCH).to(device))[:count]
-        yield list(range(start, start + count)), rows.float().cpu()
+        yield list(range(start, start + count)), forward_images(tower, images, device)
         start += count
+
+
+def tower_device(tower: FeatureTower) -> torch.device:
+    """Where the frozen part's weights are, so its input batches go there."""
+    return next(iter(tower.frozen_state().values())).device
+
+
+def forward_images(tower: FeatureTower, images: Tensor, device: torch.device) -> Tensor:
+    """The frozen part's rows of at most ``IMAGE_BATCH`` preprocessed images, from one forward
+    pass of exactly ``IMAGE_BATCH`` rows: what makes every image's row canonical."""
+    count = images.shape[0]
+    if count > IMAGE_BATCH:
+        raise ValueError(f"{count} images for one forward pass of {IMAGE_BATCH}")
+    with torch.no_grad():
+        rows = tower.frozen_features(full_batch(images, IMAGE_BATCH).to(device))[:count]
+    return rows.float().cpu()
 
 
 def encode_texts(backbone: nn.Module, captions: Sequence[str]) -> Batches:
@@ -219,6 +240,18 @@ def _remap(positions: list[int], batches: Batches) -> Batches:
         yield [positions[i] for i in local], rows
 
 
+def image_storage(tower: FeatureTower) -> Storage:
+    """What one image takes in the cache: its features, or in float16 its frozen prefix's map."""
+    half = bool(tower.cut)
+    row = math.prod(tower.cached_shape) * (2 if half else 4)
+    return Storage(
+        f"image prefix below {tower.cut}" if half else "image features",
+        "image",
+        lambda _: row,
+        "model.image_tower.unlocked_blocks",
+    )
+
+
 def image_features(
     tower: FeatureTower,
     records: Sequence[Record],
@@ -236,16 +269,8 @@ def image_features(
         return _remap(positions, encode_images(tower, todo, transform, num_workers, noise))
 
     keys = [image_key(r, noise) for r in records]
-    half = bool(tower.cut)
-    row = math.prod(tower.cached_shape) * (2 if half else 4)
-    storage = Storage(
-        f"image prefix below {tower.cut}" if half else "image features",
-        "image",
-        lambda _: row,
-        "model.image_tower.unlocked_blocks",
-    )
-    report = storage.reporter(progress, cache.folder("image", key))
-    features = cache.rows("image", key, keys, compute, IMAGE_CHUNK, report, half=half)
+    report = image_storage(tower).reporter(progress, cache.folder("image", key))
+    features = cache.rows("image", key, keys, compute, IMAGE_CHUNK, report, half=bool(tower.cut))
     assert isinstance(features, Tensor)
     return features
 
