@@ -48,6 +48,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "stress": Subcommand("adaptalign.experiments.stress", "a checkpoint evaluated under noise"),
     "tsne": Subcommand("adaptalign.experiments.tsne", "a t-SNE view of a predict embedding file"),
+    "shards": Subcommand(
+        "adaptalign.experiments.shards", "a data set written as WebDataset shards, to stream"
+    ),
     "report": Subcommand(
         "adaptalign.experiments.report", "docs/RESULTS.md and the README summary, rebuilt"
     ),

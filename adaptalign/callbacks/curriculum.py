@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from adaptalign.common.checks import is_int, is_number
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler, batch_purity
+from adaptalign.datamodules.shard_curriculum import BufferCurriculum
 from adaptalign.lightning_modules.controls import ControlledSystem
 
 Schedule = Literal["switch", "ramp"]
@@ -54,12 +55,19 @@ def _loaders(value: Any) -> Iterator[Any]:
         yield value
 
 
-def find_sampler(trainer: L.Trainer) -> CurriculumBatchSampler:
-    """The curriculum batch sampler of the trainer's training data, or a clear error."""
+Curriculum = CurriculumBatchSampler | BufferCurriculum
+
+
+def find_sampler(trainer: L.Trainer) -> Curriculum:
+    """The curriculum of the trainer's training data, or a clear error: the batch sampler of
+    pairs in memory, or the batcher of pairs streamed from shards."""
     for loader in _loaders(trainer.train_dataloader):
         sampler = getattr(loader, "batch_sampler", None)
         if isinstance(sampler, CurriculumBatchSampler):
             return sampler
+        batcher = getattr(getattr(loader, "dataset", None), "batcher", None)
+        if isinstance(batcher, BufferCurriculum):
+            return batcher
     found = [
         type(getattr(loader, "batch_sampler", None)).__name__
         for loader in _loaders(trainer.train_dataloader)
@@ -180,7 +188,7 @@ class ObjectCurriculum(L.Callback):
             "curriculum/same_object_share", share, on_step=False, on_epoch=True, sync_dist=True
         )
 
-    def _configure(self, trainer: L.Trainer) -> tuple[CurriculumBatchSampler, int, float]:
+    def _configure(self, trainer: L.Trainer) -> tuple[Curriculum, int, float]:
         sampler = find_sampler(trainer)
         epoch = trainer.current_epoch
         share = self.share(epoch)

@@ -41,9 +41,11 @@ from adaptalign.datamodules.ontology import (
 )
 from adaptalign.datamodules.records import Record
 from adaptalign.datamodules.selection import Selection, carve_selection
+from adaptalign.datamodules.shard_splits import ShardSpec, read_shard_splits, shard_lists
+from adaptalign.datamodules.shard_splits import describe as describe_shards
 from adaptalign.datamodules.subsets import cap_captions, nested_subset
 
-Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco"]
+Format = Literal["auto", "karpathy", "flickr8k", "flickr30k", "csv", "coco", "webdataset"]
 SPLITS = ("train", "val", "test")
 
 
@@ -56,6 +58,9 @@ class SplitSettings:
 
     annotations: str | list[str] | None = None
     format: Format = "auto"
+    shards: ShardSpec = None
+    val_shards: ShardSpec = None
+    test_shards: ShardSpec = None
     image_root: str | None = None
     val_images: int | None = None
     test_images: int | None = None
@@ -90,7 +95,10 @@ def feature_cache(cache_dir: str | None) -> FeatureCache:
 
 
 def annotation_paths(settings: SplitSettings) -> list[Path]:
-    """The annotation files; without any, the generated dataset's (generated first if needed)."""
+    """The annotation files; without any, the generated dataset's (generated first if needed);
+    none for shards, which hold their captions themselves."""
+    if settings.format == "webdataset":
+        return []
     if settings.annotations is None:
         return [generate_dataset(settings.generated, settings.cache_dir)]
     given = settings.annotations
@@ -109,19 +117,7 @@ def build_splits(settings: SplitSettings, summarise: bool = True) -> Splits:
     :mod:`~adaptalign.datamodules.selection`), so the subset, the tags and the clusters see the
     train split that remains.
     """
-    paths = annotation_paths(settings)
-    source = ", ".join(str(p) for p in paths)
-    records = read_dataset(
-        [str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
-        format="karpathy" if settings.annotations is None else settings.format,
-        image_root=settings.image_root,
-        val_images=settings.val_images,
-        test_images=settings.test_images,
-        split_seed=settings.split_seed,
-    )
-    records = check_images(
-        records, decode=settings.verify_images, skip_bad=settings.skip_bad_images, source=source
-    )
+    source, records = read_records(settings, summarise)
     selection = None
     if settings.selection_images is not None:
         records, selection = carve_selection(
@@ -154,6 +150,41 @@ def build_splits(settings: SplitSettings, summarise: bool = True) -> Splits:
             summarise,
         )
     return Splits(source, records, splits, clusters, selection)
+
+
+def read_records(settings: SplitSettings, summarise: bool = True) -> tuple[str, list[Record]]:
+    """The data set's name in messages and all its records, read and checked."""
+    if settings.format == "webdataset":
+        if settings.annotations is not None:
+            raise ConfigurationError(
+                "data.annotations is set with data.format=webdataset, whose shards hold the "
+                "captions; expected data.shards (and data.val_shards) only"
+            )
+        if settings.verify_images:
+            raise ConfigurationError(
+                "data.verify_images=true with data.format=webdataset: shard images are checked as "
+                "they stream; data.skip_bad_images decides whether a broken one stops the run"
+            )
+        lists = shard_lists(settings.shards, settings.val_shards, settings.test_shards)
+        cache = settings.cache_dir or default_cache_dir()
+        records = read_shard_splits(
+            lists, Path(cache).expanduser(), settings.skip_bad_images, progress=summarise
+        )
+        return describe_shards(lists), records
+    paths = annotation_paths(settings)
+    source = ", ".join(str(p) for p in paths)
+    records = read_dataset(
+        [str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
+        format="karpathy" if settings.annotations is None else settings.format,
+        image_root=settings.image_root,
+        val_images=settings.val_images,
+        test_images=settings.test_images,
+        split_seed=settings.split_seed,
+    )
+    records = check_images(
+        records, decode=settings.verify_images, skip_bad=settings.skip_bad_images, source=source
+    )
+    return source, records
 
 
 def tag_objects(

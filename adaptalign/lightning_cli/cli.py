@@ -30,6 +30,7 @@ from adaptalign.callbacks.final_report import FinalReport
 from adaptalign.callbacks.model_inputs import ModelInputsLink
 from adaptalign.callbacks.parameter_summary import with_parameter_summary
 from adaptalign.callbacks.run_summary import RunSummary
+from adaptalign.callbacks.stream_counts import StreamCounts
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.lightning_cli.checkpoint_settings import warn_replaced_settings
 from adaptalign.lightning_cli.checks import CheckedCLI, command_settings
@@ -61,6 +62,7 @@ def trainer_defaults() -> dict:
             # Glue between system and data: the system's inputs, the caption clusters' plot.
             ModelInputsLink(),
             ClusterSizePlot(),
+            StreamCounts(),
         ],
         "plugins": [{"class_path": ATOMIC_CHECKPOINT_IO}],
     }
