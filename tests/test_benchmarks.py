@@ -73,6 +73,37 @@ def test_callbacks(load, monkeypatch, capsys) -> None:
     assert "all_three: hooks 60.00 ms/step = 1.060x" in printed
 
 
+@pytest.mark.parametrize(
+    ("resumed", "killed_after", "same", "missed"),
+    [
+        (5.5, 4, True, None),
+        (6.5, 4, True, "resumed <= 0.6x from scratch"),
+        (5.5, 8, True, "resumed <= 0.6x from scratch"),  # it ended before the kill
+        (5.5, 4, False, "same features"),
+    ],
+)
+def test_extraction_resume(
+    load, monkeypatch, capsys, resumed: float, killed_after: int, same: bool, missed: str | None
+) -> None:
+    bench = load("bench_extraction_resume")
+    measured = bench.Measurement(
+        images=512,
+        shards=8,
+        scratch_s=10.0,
+        scratch_cpu_s=18.0,
+        killed_after=killed_after,
+        resumed_s=resumed,
+        resumed_cpu_s=9.0,
+        resumed_shards=4,
+        same=same,
+    )
+    monkeypatch.setattr(bench, "measure", lambda args, folder: measured)
+    assert bench.main(THREADS) == (missed is not None)
+    printed = capsys.readouterr().out
+    assert f"resumed / from scratch: {resumed / 10:.2f}x wall, 0.50x CPU" in printed
+    assert (f"Overall: FAIL (missed: {missed})" in printed) == (missed is not None)
+
+
 @pytest.mark.parametrize(("uncached", "status"), [(10.0, 1), (30.0, 0)])
 def test_feature_cache(load, monkeypatch, capsys, uncached: float, status: int) -> None:
     bench = load("bench_feature_cache")
@@ -202,6 +233,7 @@ def test_every_benchmark_with_a_goal_exits_with_its_verdict() -> None:
     assert judged == [
         "bench_callbacks",
         "bench_clustering",
+        "bench_extraction_resume",
         "bench_feature_cache",
         "bench_prefix_cache",
         "bench_quickstart",
