@@ -76,10 +76,11 @@ def test_help_lists_every_subcommand_without_loading_torch() -> None:
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
-    listed = [line.split()[0] for line in result.stdout.split("subcommands:")[1].splitlines()[1:10]]
+    listed = [line.split()[0] for line in result.stdout.split("subcommands:")[1].splitlines()[1:11]]
     assert listed == list(SUBCOMMANDS)
     assert set(SUBCOMMANDS) == {
-        "fit", "validate", "test", "predict", "compare", "tune", "stress", "tsne", "report"
+        "fit", "validate", "test", "predict", "compare", "tune", "stress", "tsne", "shards",
+        "report",
     }  # fmt: skip
     assert "heavy: []" in result.stdout
 
@@ -98,7 +99,7 @@ def test_unknown_subcommand_is_one_line_with_a_suggestion(capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "adaptalign: error: unknown subcommand 'compar' (did you mean 'compare'?); expected one "
-        "of fit, validate, test, predict, compare, tune, stress, tsne, report"
+        "of fit, validate, test, predict, compare, tune, stress, tsne, shards, report"
     ]
 
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -314,24 +315,41 @@ def assert_same(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
+def streamed(tmp_path: Path, cache: Path) -> list[str]:
+    """The tiny data set written as 6 shards of 8 pairs, and the settings that stream them."""
+    assert main(["shards", str(tmp_path / "shards"), "--config", TINY, "--shard-size", "8"]) == 0
+    data = yaml.safe_load((tmp_path / "shards" / "data.yaml").read_text())["data"]
+    return [f"--data.{key}={value}" for key, value in data.items()]
+
+
 @pytest.mark.parametrize(
     ("overlay", "workers", "extra"),
-    [(None, 1, None), (COMBINED_METHODS, 0, None), (COMBINED_METHODS, 0, UNLOCKED)],
+    [
+        (None, 1, None),
+        (COMBINED_METHODS, 0, None),
+        (COMBINED_METHODS, 0, UNLOCKED),
+        (COMBINED_METHODS, 1, "streamed"),
+    ],
     ids=[
         "random-sampler-1-worker",
         "combined-methods-curriculum",
         "combined-methods-unlocked-tops-over-cached-prefixes",
+        "combined-methods-streamed-from-shards-1-worker",
     ],
 )
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_exactly(
     overlay: list[str] | None,
     workers: int,
-    extra: list[str] | None,
+    extra: list[str] | str | None,
     tiny_text_model: str,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache = tmp_path / "cache"
+    if extra == "streamed":  # one worker streams all 6 shards: 3 batches an epoch, as in memory
+        monkeypatch.setenv("ADAPTALIGN_CACHE", str(cache))
+        extra = streamed(tmp_path, cache)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     main(fit_args(tiny_text_model, whole, cache, overlay, workers, extra))  # uninterrupted
 

@@ -9,6 +9,7 @@ normalisation; a frozen tower's features come from the on-disk feature cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError, DatasetFormatError
 from adaptalign.datamodules.builder import (
     Format,
@@ -45,6 +47,16 @@ from adaptalign.datamodules.ontology import OntologyConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.datamodules.resumable import ResumableDataLoader
 from adaptalign.datamodules.selection import Selection
+from adaptalign.datamodules.shard_curriculum import BufferCurriculum
+from adaptalign.datamodules.shard_features import extract_shard_features
+from adaptalign.datamodules.shard_loading import (
+    evaluation_images,
+    is_streamed,
+    shard_image_ids,
+    shard_keys,
+    stream_loader,
+)
+from adaptalign.datamodules.shard_stream import ShardPairLoader
 
 Split = Literal["train", "val", "test"]
 
@@ -56,7 +68,15 @@ class AlignmentDataModule(L.LightningDataModule):
         annotations: the annotation file (COCO: a list of ``captions_*.json``); ``None`` uses the
             built-in generated dataset.
         format: ``auto`` detects it from the file; or one of karpathy, flickr8k, flickr30k, csv,
-            coco.
+            coco; ``webdataset`` streams pairs from tar shards instead of an annotation file.
+        shards, val_shards, test_shards: with ``format: webdataset``, the train, validation and
+            (optional) test shards: a brace pattern (``pairs/train-{000000..000099}.tar``) or a
+            list of local paths or URLs, in img2dataset's layout (``KEY.jpg`` with ``KEY.txt``
+            and/or ``KEY.json`` holding ``caption``). An index pass reads every shard's captions
+            once (cached); training streams this process's share of the train shards, disjoint
+            across processes and loader workers (see :mod:`~adaptalign.datamodules.shard_stream`).
+        shuffle_buffer: streamed pairs shuffled in a buffer of this many (and the window the
+            curriculum sampler draws its batches from).
         image_root: folder the file names are relative to (default: each format's usual place).
         val_images, test_images, split_seed: sizes and seed of the split made for formats that
             have none (Flickr30k tokens, CSV, COCO val2014); ``None`` keeps the format's default.
@@ -114,6 +134,10 @@ class AlignmentDataModule(L.LightningDataModule):
         self,
         annotations: str | list[str] | None = None,
         format: Format = "auto",
+        shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        shuffle_buffer: int = 1000,
         image_root: str | None = None,
         val_images: int | None = None,
         test_images: int | None = None,
@@ -147,6 +171,14 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ConfigurationError(f"data.sampler={sampler!r}; expected 'random' or 'curriculum'")
         self.annotations = annotations
         self.format = format
+        self.shards = shards
+        self.val_shards = val_shards
+        self.test_shards = test_shards
+        if not is_int(shuffle_buffer) or shuffle_buffer < 1:
+            raise ConfigurationError(
+                f"data.shuffle_buffer={shuffle_buffer!r}; expected an integer >= 1"
+            )
+        self.shuffle_buffer = shuffle_buffer
         self.image_root = image_root
         self.val_images = val_images
         self.test_images = test_images
@@ -188,7 +220,7 @@ class AlignmentDataModule(L.LightningDataModule):
         # is first built: a run extracts only the splits and the training subset it uses.
         self._features: dict[tuple[str, str], FrozenFeatures | None] = {}
         self.train_batch_sampler: CurriculumBatchSampler | None = None
-        self.train_loader: ResumableDataLoader | None = None
+        self.train_loader: ResumableDataLoader | ShardPairLoader | None = None
         self._train_loader_state: dict | None = None  # restored, for the next training loader
 
     # ------------------------------------------------------------------------ records
@@ -200,6 +232,9 @@ class AlignmentDataModule(L.LightningDataModule):
         return SplitSettings(
             annotations=self.annotations,
             format=self.format,
+            shards=self.shards,
+            val_shards=self.val_shards,
+            test_shards=self.test_shards,
             image_root=self.image_root,
             val_images=self.val_images,
             test_images=self.test_images,
@@ -314,16 +349,37 @@ class AlignmentDataModule(L.LightningDataModule):
             return None
         trainer = self.trainer
         writer = trainer is None or trainer.is_global_zero
-        return compute_frozen_features(
+        barrier = trainer.strategy.barrier if trainer is not None else lambda: None
+        shard_images = None
+        if is_streamed(records) and inputs.image_tower is not None:
+            # Images in shards: each process extracts its own shards' features, one chunk each.
+            rank, world = self._world()
+            shards, keys = shard_keys(records)
+            shard_images = extract_shard_features(
+                shards,
+                keys,
+                inputs,
+                feature_cache(self.cache_dir),
+                rank=rank,
+                world=world,
+                barrier=barrier,
+                progress=writer,
+                image_noise=image_noise,
+                image_ids=shard_image_ids(records),
+            )
+            inputs = replace(inputs, image_tower=None)
+        features = compute_frozen_features(
             inputs,
             records,
             feature_cache(self.cache_dir),
             num_workers=self.num_workers,
             progress=writer,
-            barrier=trainer.strategy.barrier if trainer is not None else lambda: None,
+            barrier=barrier,
             is_writer=writer,
             image_noise=image_noise,
         )
+        features.shard_images = shard_images
+        return features
 
     def _split_inputs(
         self, split: str, noise: NoiseConfig | None
@@ -343,7 +399,7 @@ class AlignmentDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def train_dataloader(self) -> ResumableDataLoader | ShardPairLoader:
         records, features, noise = self._split_inputs("train", self.noise)
         rank, world = self._world()
         if len(records) < self.batch_size * world:
@@ -363,7 +419,9 @@ class AlignmentDataModule(L.LightningDataModule):
         trainer = self.trainer
         epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
         settings = {"seed": self.seed, "num_workers": self.num_workers}
-        if self.sampler_name == "curriculum":
+        if is_streamed(records):
+            loader = self._stream_loader(dataset, rank, world, epoch_source)
+        elif self.sampler_name == "curriculum":
             loader = curriculum_loader(
                 dataset,
                 self.batch_size,
@@ -383,6 +441,36 @@ class AlignmentDataModule(L.LightningDataModule):
             loader.load_state_dict(self._train_loader_state)
             self._train_loader_state = None
         self.train_loader = loader
+        return loader
+
+    def _stream_loader(
+        self,
+        dataset: TrainPairs,
+        rank: int,
+        world: int,
+        epoch_source: Callable[[], int] | None,
+    ) -> ShardPairLoader:
+        """Training batches streamed from the shards: images, or their cached features."""
+        curriculum = None
+        if self.sampler_name == "curriculum":
+            min_pairs = (self.ontology or OntologyConfig()).min_pairs
+            curriculum = BufferCurriculum(self.shuffle_buffer, min_pairs=min_pairs)
+        features = dataset.features
+        shard_images = features.shard_images if features is not None else None
+        loader = stream_loader(
+            dataset,
+            self.batch_size,
+            rank,
+            world,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            skip_bad=self.skip_bad_images,
+            num_workers=self.num_workers,
+            epoch_source=epoch_source,
+            curriculum=curriculum,
+            read_shard=shard_images.read_shard if shard_images is not None else None,
+        )
+        rank_zero_info(loader.plan().describe())
         return loader
 
     def state_dict(self) -> dict:
@@ -407,12 +495,19 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str, shard: bool = True) -> DataLoader:
         records, features, noise = self._split_inputs(split, self.eval_noise)
+        image_bytes = None
+        if features is not None and features.shard_images is not None:
+            shard_images = features.shard_images
+            features.image = {r.image_id: shard_images[(r.shard, r.key)] for r in records}
+        elif is_streamed(records) and (features is None or features.image is None):
+            image_bytes = evaluation_images(records)
         dataset = EvalImages(
             records,
             self._model_inputs().transform,
             features=features,
             clusters=self._evaluation_clusters(split),
             image_noise=noise,
+            image_bytes=image_bytes,
         )
         rank, world = self._world()
         return eval_loader(

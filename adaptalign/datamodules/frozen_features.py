@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,9 @@ from adaptalign.datamodules.noise import NoiseConfig
 from adaptalign.datamodules.records import Record
 from adaptalign.encoders.length_sorted import length_batches, token_lengths
 from adaptalign.encoders.text_models import sentence_width
+
+if TYPE_CHECKING:
+    from adaptalign.datamodules.shard_features import ShardFeatures
 
 # Rows per forward pass (part of the model key, since they shape the last bits of every row).
 IMAGE_BATCH = 64
@@ -72,6 +75,8 @@ class FrozenFeatures:
 
     image: dict[int, Tensor] | None = None
     text: dict[int, Tensor | Ragged] | None = None
+    # Images stored in shards: their features, read back shard by shard (a stream reads them).
+    shard_images: ShardFeatures | None = None
 
 
 class _Images(Dataset):
