@@ -3,7 +3,10 @@ processes, resumed shard by shard after an interruption, and read back one shard
 
 from __future__ import annotations
 
+import fcntl
 import io
+import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +79,9 @@ class Shards:
                     image += 1
             self.urls.append(url)
             self.keys.append(keys)
+
+    def plan(self) -> tuple[list[str], list[list[str]]]:
+        return self.urls, self.keys
 
     def image_ids(self) -> list[list[int]]:
         """Ordinals over all shards, as records of a shard set number their images."""
@@ -308,6 +314,42 @@ def test_noisy_images_get_their_own_rows_keyed_by_image_id(tmp_path: Path) -> No
     assert torch.equal(off[(url, key)], clean[(url, key)])
     with pytest.raises(ValueError, match="image_ids"):
         extract(shards, tower, cache, image_noise=noise)
+
+
+def test_a_run_started_beside_another_waits_for_its_shard_and_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process extracts a shard (holding its lock), a second waits, then finds it
+    complete and computes nothing."""
+    shards = Shards(tmp_path, [3])
+    tower = tiny_tower(**FROZEN)
+    other = FeatureCache(tmp_path / "other")  # what the other process will have stored
+    extract(shards, tower, other)
+    cache = FeatureCache(tmp_path / "cache")
+    key = image_model_key(tower, tower.transform())
+    stored = other.folder("image", key)
+    manifest = next((stored / shard_features.MANIFESTS).glob("*.json"))
+    lock = cache.folder("image", key) / shard_features.MANIFESTS / f"{manifest.stem}.lock"
+    lock.parent.mkdir(parents=True)
+    waiting = threading.Event()
+    monkeypatch.setattr(shard_features, "say", lambda text: waiting.set())
+    counted = Forwards(tower)
+    tower.frozen_features = counted  # type: ignore[method-assign]
+    result: list[ShardFeatures] = []
+    with open(lock, "a") as held:  # the other process's hold on the shard
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: result.append(extract(shards, tower, cache)))
+        second.start()
+        assert waiting.wait(timeout=120), "the second run did not wait for the shard"
+        for path in [*stored.glob("chunk-*.pt"), manifest]:  # the other process finishes
+            target = cache.folder("image", key) / path.relative_to(stored)
+            shutil.copyfile(path, target)
+    second.join(timeout=120)
+    assert counted.calls == 0
+    url, first = shards.urls[0], shards.keys[0][0]
+    assert torch.equal(
+        result[0][(url, first)], ShardFeatures(other, key, *shards.plan())[(url, first)]
+    )
 
 
 def test_a_key_in_use_without_an_image_names_the_shard_and_the_key(tmp_path: Path) -> None:

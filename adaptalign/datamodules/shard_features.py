@@ -254,20 +254,20 @@ class Extraction:
     def missing(self, job: ShardJob) -> dict[str, int | None]:
         return Manifest.read(job.manifest, job.url, self.folder).missing(job.samples)
 
-    def run(self, job: ShardJob) -> bool:
-        """Extracts the shard's missing rows into one chunk and then its manifest; ``False`` when
-        another process stored them meanwhile (it held the shard's lock)."""
+    def run(self, job: ShardJob) -> None:
+        """Extracts the shard's missing rows into one chunk, then writes its manifest (what marks
+        the shard complete). One process at a time per shard: runs started side by side (a
+        comparison's jobs) wait and then find the shard done."""
         lock = job.manifest.with_suffix(".lock")
         with exclusive(lock, on_wait=lambda: say(f"{job.url}: waiting for another process")):
             manifest = Manifest.read(job.manifest, job.url, self.folder)
             wanted = manifest.missing(job.samples)
             if not wanted:
-                return False
+                return
             encoded = self.encoder.encode(job.url, wanted)
             rows = in_half(encoded.rows, KIND) if self.half else encoded.rows
             chunk = self.cache.write_chunk(KIND, self.model_key, encoded.items, rows)
             extended(manifest, chunk.name, encoded, wanted).save(job.manifest)
-        return True
 
 
 def extended(
