@@ -52,13 +52,8 @@ def epoch_rate(data: AlignmentDataModule) -> tuple[float, int]:
     return pairs / seconds, pairs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cache-dir", default=None, help="default: a temporary folder")
-    args = parser.parse_args(argv)
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """The best pairs per second of each side over ``args.rounds`` rounds."""
     torch.set_num_threads(1)  # the loader workers are the work here
     real = TOKENS.is_file()
     if not real:
@@ -100,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                 load = os.getloadavg()[0]
                 said = f"{rate:7.1f} pairs/s ({pairs} pairs, load {load:.1f})"
                 print(f"round {round_ + 1} {name:>6}: {said}")
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cache-dir", default=None, help="default: a temporary folder")
+    best = measure(parser.parse_args(argv))
     ratio = best["shards"] / best["folder"]
     print(
         f"best: folder {best['folder']:.1f} pairs/s, shards {best['shards']:.1f} pairs/s; "

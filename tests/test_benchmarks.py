@@ -238,9 +238,19 @@ def test_every_benchmark_with_a_goal_exits_with_its_verdict() -> None:
         "bench_prefix_cache",
         "bench_quickstart",
         "bench_retrieval",
+        "bench_shard_reading",
         "bench_train_step",
         "bench_warm_workers",
     ]
+
+
+@pytest.mark.parametrize(("shards", "status"), [(95.0, 0), (85.0, 1)])
+def test_shard_reading(load, monkeypatch, capsys, shards: float, status: int) -> None:
+    bench = load("bench_shard_reading")
+    monkeypatch.setattr(bench, "measure", lambda args: {"folder": 100.0, "shards": shards})
+    assert bench.main([]) == status
+    printed = capsys.readouterr().out
+    assert f"shards / folder {shards / 100:.2f}x (goal >= 0.9x: " in printed
 
 
 @pytest.mark.parametrize(
