@@ -46,7 +46,8 @@ TEXT_EXTENSIONS = ("txt", "json")
 # Counters every yielded batch carries (0-dim integer tensors), for the per-epoch totals.
 COUNTERS = ("stream_bad", "stream_repeated")
 
-Members = dict[str, bytes]
+# A sample's members by extension: a shard's bytes, or rows a reader of cached features gives.
+Members = dict[str, bytes | torch.Tensor]
 MakeItem = Callable[[str, str, Members, int], dict]
 Collate = Callable[[list[dict]], dict]
 Batcher = Callable[[Iterator[dict], int, np.random.Generator], Iterator[list[dict]]]
