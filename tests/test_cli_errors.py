@@ -253,3 +253,39 @@ def test_unlock_settings_the_towers_cannot_take_are_one_line(
 ) -> None:
     args = ["fit", "--config", TINY, f"--model.text_tower.model_name={tiny_text_model}", option]
     assert error_line(args, capsys).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (
+            ["--data.shards=MISSING/train-{000000..000001}.tar", "--data.val_shards=MISSING/v.tar"],
+            "data.shards: shard ",
+        ),
+        (["--data.shards=MISSING/train-000000.tar"], "data.format=webdataset needs data.val"),
+        (["--data.shuffle_buffer=0"], "data.shuffle_buffer=0; expected an integer >= 1"),
+    ],
+)
+def test_shard_settings_that_cannot_stream_are_one_line(
+    options: list[str],
+    expected: str,
+    tiny_text_model: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    given = [option.replace("MISSING", str(tmp_path / "missing")) for option in options]
+    if expected.startswith("data.format"):
+        (tmp_path / "missing").mkdir()
+        (tmp_path / "missing" / "train-000000.tar").write_bytes(b"")
+    args = [
+        "fit",
+        "--config",
+        TINY,
+        f"--model.text_tower.model_name={tiny_text_model}",
+        "--data.format=webdataset",
+        *given,
+    ]
+    line = error_line(args, capsys)
+    assert line.startswith(expected), line
+    if expected == "data.shards: shard ":
+        assert "does not exist" in line and "2 of 2" in line, line
