@@ -235,6 +235,7 @@ def test_every_benchmark_with_a_goal_exits_with_its_verdict() -> None:
         "bench_clustering",
         "bench_extraction_resume",
         "bench_feature_cache",
+        "bench_kmeans_scale",
         "bench_prefix_cache",
         "bench_quickstart",
         "bench_retrieval",
