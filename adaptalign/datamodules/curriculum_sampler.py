@@ -63,7 +63,25 @@ class _EpochPool:
         return [self.take(i) for i in self.rng.permutation(unused)[:count]]
 
 
-class CurriculumBatchSampler(Sampler[list[tuple[int, int]]]):
+class SameObjectShare:
+    """The share of same-object batches, checked whenever it is set (the curriculum callback
+    sets it every epoch, on the in-memory sampler and on a stream's buffered curriculum alike)."""
+
+    _share: float = 0.0
+
+    @property
+    def same_object_share(self) -> float:
+        """Probability that a batch holds one object only; a curriculum raises it over time."""
+        return self._share
+
+    @same_object_share.setter
+    def same_object_share(self, value: float) -> None:
+        if not is_finite_number(value) or not 0 <= value <= 1:
+            raise ConfigurationError(f"same_object_share={value!r}; expected a number from 0 to 1")
+        self._share = float(value)
+
+
+class CurriculumBatchSampler(SameObjectShare, Sampler[list[tuple[int, int]]]):
     """Per-process batches of ``(index, epoch)`` keys, diverse or same-object by a set share.
 
     Every process builds the same list of *global* batches (``batch_size * num_replicas`` pairs)
@@ -164,17 +182,6 @@ class CurriculumBatchSampler(Sampler[list[tuple[int, int]]]):
         self._cache: tuple[int, float, list[list[int]]] | None = None
 
     # ------------------------------------------------------------------ settings
-    @property
-    def same_object_share(self) -> float:
-        """Probability that a batch holds one object only; a curriculum raises it over time."""
-        return self._share
-
-    @same_object_share.setter
-    def same_object_share(self, value: float) -> None:
-        if not is_finite_number(value) or not 0 <= value <= 1:
-            raise ConfigurationError(f"same_object_share={value!r}; expected a number from 0 to 1")
-        self._share = float(value)
-
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next iteration: it seeds the batches and goes into every key."""
         if not is_int(epoch) or epoch < 0:

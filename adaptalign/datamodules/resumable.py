@@ -39,6 +39,53 @@ def _is_count(value: object) -> bool:
     return is_int(value) and value >= 0  # type: ignore[operator]
 
 
+class EpochPosition:
+    """Where a training loader is within its epoch: what both training loaders checkpoint.
+
+    The state is ``{"epoch", "batches"}``: the epoch of the latest iteration and how many of its
+    batches were yielded. Restored, it says how many batches the next iteration leaves out, if
+    that iteration belongs to the same epoch (:meth:`batches_to_skip`); a state applies to one
+    iteration only.
+    """
+
+    _epoch: int | None = None  # epoch of the latest iteration
+    _batches: int = 0  # batches of that epoch yielded (left-out ones included)
+    _restored: tuple[int, int] | None = None  # a loaded state not yet applied
+
+    def state_dict(self) -> dict[str, int | None]:
+        """The epoch of the latest iteration and how many of its batches were yielded."""
+        if self._restored is not None:  # saved again before the restored epoch went on
+            epoch, batches = self._restored
+            return {"epoch": epoch, "batches": batches}
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Leave out ``batches`` batches in the next iteration, if it belongs to ``epoch``."""
+        epoch, batches = state_dict.get("epoch"), state_dict.get("batches")
+        if not (epoch is None or _is_count(epoch)) or not _is_count(batches):
+            raise ConfigurationError(
+                f"the checkpoint's training loader state {state_dict!r}; expected 'epoch' (an "
+                "integer >= 0 or null) and 'batches' (an integer >= 0)"
+            )
+        self._restored = None if epoch is None else (int(epoch), int(batches))
+
+    def batches_to_skip(self, epoch: int, total: int) -> int:
+        """How many of ``epoch``'s ``total`` batches the iteration starting now leaves out; it
+        becomes the loader's position."""
+        skip = 0
+        if self._restored is not None:
+            restored_epoch, batches = self._restored
+            self._restored = None  # a state applies to one iteration only
+            if restored_epoch == epoch:
+                skip = min(batches, total)
+        self._epoch, self._batches = epoch, skip
+        return skip
+
+    def count_batch(self) -> None:
+        """One more batch of the current epoch yielded."""
+        self._batches += 1
+
+
 class _SkipFirst:
     """The loader's (batch) sampler without the first batches of a resumed epoch.
 
@@ -57,7 +104,7 @@ class _SkipFirst:
         return islice(iter(self.sampler), self.loader.skipping, None)
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(EpochPosition, DataLoader):
     """A map-style DataLoader whose position within an epoch is part of the checkpoint.
 
     Args:
@@ -89,9 +136,6 @@ class ResumableDataLoader(DataLoader):
         self._skipping_loader = DataLoader(dataset, **others, **order)
         self.epoch_source = epoch_source
         self.skipping = 0  # batches the iteration being started leaves out
-        self._epoch: int | None = None  # epoch of the latest iteration
-        self._batches = 0  # batches of that epoch trained on (skipped ones included)
-        self._restored: tuple[int, int] | None = None  # a loaded state not yet applied
 
     def current_epoch(self) -> int:
         """The epoch the next iteration belongs to."""
@@ -106,24 +150,6 @@ class ResumableDataLoader(DataLoader):
             "ResumableDataLoader needs an epoch_source or a sampler with an integer 'epoch'"
         )
 
-    # ------------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, int | None]:
-        """The epoch of the latest iteration and how many of its batches were yielded."""
-        if self._restored is not None:  # saved again before the restored epoch went on
-            epoch, batches = self._restored
-            return {"epoch": epoch, "batches": batches}
-        return {"epoch": self._epoch, "batches": self._batches}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Skip ``batches`` batches in the next iteration, if it belongs to ``epoch``."""
-        epoch, batches = state_dict.get("epoch"), state_dict.get("batches")
-        if not (epoch is None or _is_count(epoch)) or not _is_count(batches):
-            raise ConfigurationError(
-                f"the checkpoint's training loader state {state_dict!r}; expected 'epoch' (an "
-                "integer >= 0 or null) and 'batches' (an integer >= 0)"
-            )
-        self._restored = None if epoch is None else (int(epoch), int(batches))
-
     # -------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         return self._iterate()
@@ -132,16 +158,9 @@ class ResumableDataLoader(DataLoader):
         # a generator: nothing below runs before the first batch is asked for
         iterator = self._start()
         for batch in iterator:
-            self._batches += 1
+            self.count_batch()
             yield batch
 
     def _start(self) -> Iterator[Any]:
-        epoch = self.current_epoch()
-        skip = 0
-        if self._restored is not None:
-            restored_epoch, batches = self._restored
-            self._restored = None  # a state applies to one iteration only
-            if restored_epoch == epoch:
-                skip = min(batches, len(self))
-        self._epoch, self._batches, self.skipping = epoch, skip, skip
+        self.skipping = self.batches_to_skip(self.current_epoch(), len(self))
         return iter(self._skipping_loader)

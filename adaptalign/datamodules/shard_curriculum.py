@@ -23,15 +23,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from adaptalign.common.checks import is_finite_number, is_int
+from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError
-from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler
+from adaptalign.datamodules.curriculum_sampler import CurriculumBatchSampler, SameObjectShare
 
 # Seeds of the windows' plans are drawn from the stream's generator in this range.
 SEED_RANGE = 2**31
 
 
-class BufferCurriculum:
+class BufferCurriculum(SameObjectShare):
     """Draws curriculum batches from consecutive windows of streamed items.
 
     Called as a stream's batcher: ``curriculum(items, batch_size, rng)`` turns items (dicts with
@@ -54,17 +54,6 @@ class BufferCurriculum:
         self.epoch = int(epoch)
         # The main process never sees a worker's plans; the callback's check needs the attribute.
         self.last_plan: tuple[int, float] | None = None
-
-    @property
-    def same_object_share(self) -> float:
-        """Probability that a batch holds one object only; the callback raises it over time."""
-        return self._share
-
-    @same_object_share.setter
-    def same_object_share(self, value: float) -> None:
-        if not is_finite_number(value) or not 0 <= value <= 1:
-            raise ConfigurationError(f"same_object_share={value!r}; expected a number from 0 to 1")
-        self._share = float(value)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration trains (the stream seeds its windows from it too)."""

@@ -38,6 +38,7 @@ from webdataset.filters import shuffle
 
 from adaptalign.common.checks import is_int
 from adaptalign.common.errors import ConfigurationError, DatasetFormatError
+from adaptalign.datamodules.resumable import EpochPosition
 from adaptalign.datamodules.shard_files import IMAGE_EXTENSIONS, read_samples
 
 log = logging.getLogger(__name__)
@@ -505,7 +506,7 @@ class ShardPairs(IterableDataset):
 
 
 # ------------------------------------------------------------------------------- the loader
-class ShardPairLoader(DataLoader):
+class ShardPairLoader(EpochPosition, DataLoader):
     """The DataLoader of a :class:`ShardPairs` stream whose position within an epoch is saved.
 
     Like :class:`~adaptalign.datamodules.resumable.ResumableDataLoader` it reports
@@ -547,9 +548,6 @@ class ShardPairLoader(DataLoader):
         kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
         super().__init__(dataset, batch_size=None, collate_fn=_as_given, **kwargs)
         self.epoch_source = epoch_source
-        self._epoch: int | None = None  # epoch of the latest iteration
-        self._batches = 0  # batches of that epoch yielded (left-out ones included)
-        self._restored: tuple[int, int] | None = None  # a loaded state not yet applied
 
     def current_epoch(self) -> int:
         """The epoch the next iteration belongs to."""
@@ -564,24 +562,6 @@ class ShardPairLoader(DataLoader):
     def __len__(self) -> int:
         return self.plan().batches_per_rank
 
-    # ------------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, int | None]:
-        """The epoch of the latest iteration and how many of its batches were yielded."""
-        if self._restored is not None:  # saved again before the restored epoch went on
-            epoch, batches = self._restored
-            return {"epoch": epoch, "batches": batches}
-        return {"epoch": self._epoch, "batches": self._batches}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Leave out ``batches`` batches in the next iteration, if it belongs to ``epoch``."""
-        epoch, batches = state_dict.get("epoch"), state_dict.get("batches")
-        if not (epoch is None or _is_count(epoch)) or not _is_count(batches):
-            raise ConfigurationError(
-                f"the checkpoint's training loader state {state_dict!r}; expected 'epoch' (an "
-                "integer >= 0 or null) and 'batches' (an integer >= 0)"
-            )
-        self._restored = None if epoch is None else (int(epoch), int(batches))
-
     # -------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict]:  # type: ignore[override]
         return self._iterate()
@@ -591,7 +571,7 @@ class ShardPairLoader(DataLoader):
         iterator = self._start()
         try:
             for batch in iterator:
-                self._batches += 1
+                self.count_batch()
                 yield batch
         except DatasetFormatError as error:
             message = _worker_message(str(error))
@@ -602,18 +582,12 @@ class ShardPairLoader(DataLoader):
     def _start(self) -> Iterator[dict]:
         dataset: ShardPairs = self.dataset  # type: ignore[assignment]
         epoch = self.current_epoch()
-        total = len(self)  # plans the epoch here, so a refusal comes from the main process
-        skip = 0
-        if self._restored is not None:
-            restored_epoch, batches = self._restored
-            self._restored = None  # a state applies to one iteration only
-            if restored_epoch == epoch:
-                skip = min(batches, total)
+        # len() plans the epoch here, so a refusal comes from the main process
+        skip = self.batches_to_skip(epoch, len(self))
         dataset.set_epoch(epoch)
         dataset.resume_batches = skip
         try:
             iterator = super().__iter__()  # workers copy the dataset here
         finally:
             dataset.resume_batches = 0
-        self._epoch, self._batches = epoch, skip
         return iterator
