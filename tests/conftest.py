@@ -73,6 +73,17 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept() -> object:
+    """Each test leaves torch's thread count as it found it: a benchmark's main run in a test
+    sets it for the whole process, and a test that later compares an in-process run with a
+    subprocess's bit for bit would then sum in another order."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that starts several processes is slow too, so ``-m "not slow"`` leaves it out."""
     for item in items:

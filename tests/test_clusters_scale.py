@@ -178,7 +178,9 @@ def test_benchmark_verdicts(
 
 def test_benchmark_runs_small(bench: ModuleType, capsys: pytest.CaptureFixture) -> None:
     """The real thing at a tiny size, faiss alone: no sklearn side, so only the time is judged."""
-    argv = ["--points", "2000", "--clusters", "5", "--sklearn", "none", "--threads", "1"]
+    # The process's own thread count: a benchmark's setting would outlive the test.
+    threads = str(torch.get_num_threads())
+    argv = ["--points", "2000", "--clusters", "5", "--sklearn", "none", "--threads", threads]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     assert "2000 synthetic caption embeddings" in printed and "5/5" in printed
