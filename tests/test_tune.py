@@ -69,6 +69,17 @@ def test_a_bad_tuning_file_is_one_error_naming_file_and_setting(
     assert message in str(raised.value)
 
 
+def test_the_command_line_sets_the_training_images_of_every_trial(tmp_path: Path) -> None:
+    path = study_file(tmp_path, train_images=1000)
+    assert read_study(path).train_images == 1000
+    assert read_study(path, train_images="5000").train_images == 5000
+    assert read_study(path, train_images="all").train_images is None
+    with pytest.raises(ConfigurationError, match=r"yaml: --train-images: train images 'lots'"):
+        read_study(path, train_images="lots")
+    with pytest.raises(ConfigurationError, match=r"study.yaml: train_images: train images 'lots'"):
+        read_study(study_file(tmp_path, train_images="lots"))
+
+
 def test_the_command_line_ends_a_bad_study_with_one_line_and_status_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -56,6 +56,9 @@ def build_parser() -> CommandParser:
     parser.add_argument("--output", metavar="DIR", help="folder of the study (default: the file's)")
     parser.add_argument("--trials", type=int, help="trial budget (default: the file's)")
     parser.add_argument(
+        "--train-images", metavar="N", help="training images of every trial (default: the file's)"
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="check the study and print its plan; run nothing"
     )
     add_placement_arguments(parser)
@@ -226,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     path = Path(options.study)
-    study = read_study(path, options.output, options.trials)
+    study = read_study(path, options.output, options.trials, options.train_images)
     placement = placement_from(options)
     check_study(study)
     if options.dry_run:

@@ -22,6 +22,7 @@ hyperparameter, a trial budget, the metric and the seeds each trial trains::
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -147,8 +148,14 @@ def dimension(path: Path, key: str, spec: Any) -> Dimension:
     return Dimension(key, kind, (low, high))
 
 
-def read_study(path: Path, output: str | None = None, trials: int | None = None) -> Study:
-    """The tuning file, checked; ``output`` and ``trials`` from the command line win."""
+def read_study(
+    path: Path,
+    output: str | None = None,
+    trials: int | None = None,
+    train_images: str | None = None,
+) -> Study:
+    """The tuning file, checked; ``output``, ``trials`` and ``train_images`` from the command
+    line win (one study file then serves several training-set sizes)."""
     try:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -181,9 +188,12 @@ def read_study(path: Path, output: str | None = None, trials: int | None = None)
     if folder is None:
         raise fail(path, "no output folder; expected output: DIR (or --output DIR)")
     try:
-        size = parse_train_images(document.get("train_images"))
-    except ValueError as exc:
-        raise fail(path, f"train_images: {exc}") from exc
+        size = parse_train_images(
+            train_images if train_images is not None else document.get("train_images")
+        )
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        where = "--train-images" if train_images is not None else "train_images"
+        raise fail(path, f"{where}: {exc}") from exc
     overrides = document.get("overrides", [])
     overrides = overrides if isinstance(overrides, list) else [overrides]
     sampler_seed = document.get("sampler_seed", 0)
