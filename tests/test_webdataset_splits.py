@@ -28,7 +28,8 @@ def written(tmp_path: Path, cache_dir: Path) -> dict:
     """The small generated data set written as shards of 16 images, and its data settings."""
     config = tmp_path / "fit.yaml"
     config.write_text(yaml.safe_dump({"data": {"generated": GENERATED}}))
-    assert shards_main([str(tmp_path / "shards"), "--config", str(config), "--shard-size", "16"]) == 0
+    args = [str(tmp_path / "shards"), "--config", str(config), "--shard-size", "16"]
+    assert shards_main(args) == 0
     return yaml.safe_load((tmp_path / "shards" / "data.yaml").read_text())["data"]
 
 
@@ -109,9 +110,7 @@ def test_a_selection_split_is_carved_from_the_train_shards(written: dict) -> Non
         ({"verify_images": True}, r"data.verify_images=true with data.format=webdataset"),
     ],
 )
-def test_incomplete_shard_settings_are_one_line(
-    written: dict, change: dict, message: str
-) -> None:
+def test_incomplete_shard_settings_are_one_line(written: dict, change: dict, message: str) -> None:
     data = {**written, **{k: v for k, v in change.items() if k.endswith("shards")}}
     extra = {k: v for k, v in change.items() if not k.endswith("shards")}
     with pytest.raises(ConfigurationError, match=message) as caught:
