@@ -20,7 +20,7 @@ import yaml
 
 from adaptalign.cli import main as cli_main
 from adaptalign.common.errors import ConfigurationError
-from adaptalign.experiments.tune_results import Trial, best_trial
+from adaptalign.experiments.tune_results import Trial, best_trial, overlay_yaml
 from adaptalign.experiments.tune_settings import overlay, read_study
 from adaptalign.experiments.tune_trial import Scoreboard
 
@@ -78,6 +78,15 @@ def test_the_command_line_sets_the_training_images_of_every_trial(tmp_path: Path
         read_study(path, train_images="lots")
     with pytest.raises(ConfigurationError, match=r"study.yaml: train_images: train images 'lots'"):
         read_study(study_file(tmp_path, train_images="lots"))
+
+
+def test_the_best_setting_says_the_training_images_it_was_tuned_at(tmp_path: Path) -> None:
+    path = study_file(tmp_path, train_images=1000)
+    best = Trial("a", {"model.lr": 0.1}, 150.0, 15, "complete")
+    for given, said in ((None, "train images: 1000"), ("5000", "train images: 5000")):
+        text = overlay_yaml(read_study(path, train_images=given), best)
+        assert text.splitlines()[0].endswith(f"(1 seed(s): 0; {said}):"), text
+        assert yaml.safe_load(text) == {"model": {"lr": 0.1}}
 
 
 def test_the_command_line_ends_a_bad_study_with_one_line_and_status_2(

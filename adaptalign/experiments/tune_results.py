@@ -57,8 +57,10 @@ def table_csv(study: Study, trials: Sequence[Trial]) -> str:
 def overlay_yaml(study: Study, best: Trial) -> str:
     """The best setting as a config layer for ``fit --config`` or a comparison's config list."""
     seeds = ", ".join(map(str, study.seeds))
+    size = "all" if study.train_images is None else study.train_images
     header = [
-        f"# Tuned by adaptalign tune {study.path} ({len(study.seeds)} seed(s): {seeds}):",
+        f"# Tuned by adaptalign tune {study.path} ({len(study.seeds)} seed(s): {seeds}; "
+        f"train images: {size}):",
         f"# trial {best.name}, {study.metric} {best.score:.2f} (mean over seeds of the best epoch,",
         "# on the split the base config validates on). Layer it last on the base config:",
         f"#   adaptalign fit --config {' --config '.join(study.base.split('+'))} --config THIS",
