@@ -166,10 +166,8 @@ def read_records(settings: SplitSettings, summarise: bool = True) -> tuple[str, 
                 "they stream; data.skip_bad_images decides whether a broken one stops the run"
             )
         lists = shard_lists(settings.shards, settings.val_shards, settings.test_shards)
-        cache = settings.cache_dir or default_cache_dir()
-        records = read_shard_splits(
-            lists, Path(cache).expanduser(), settings.skip_bad_images, progress=summarise
-        )
+        cache = feature_cache(settings.cache_dir).root
+        records = read_shard_splits(lists, cache, settings.skip_bad_images, progress=summarise)
         return describe_shards(lists), records
     paths = annotation_paths(settings)
     source = ", ".join(str(p) for p in paths)

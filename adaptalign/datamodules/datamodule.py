@@ -219,6 +219,8 @@ class AlignmentDataModule(L.LightningDataModule):
         # Frozen towers' features per (split, noise settings), extracted when the split's loader
         # is first built: a run extracts only the splits and the training subset it uses.
         self._features: dict[tuple[str, str], FrozenFeatures | None] = {}
+        # Image bytes of evaluation splits stored in shards, read from them once per split.
+        self._shard_images: dict[str, dict[int, bytes]] = {}
         self.train_batch_sampler: CurriculumBatchSampler | None = None
         self.train_loader: ResumableDataLoader | ShardPairLoader | None = None
         self._train_loader_state: dict | None = None  # restored, for the next training loader
@@ -379,6 +381,8 @@ class AlignmentDataModule(L.LightningDataModule):
             image_noise=image_noise,
         )
         features.shard_images = shard_images
+        if shard_images is not None and not training:  # evaluation looks its rows up by image
+            features.image = {r.image_id: shard_images[(r.shard, r.key)] for r in records}
         return features
 
     def _split_inputs(
@@ -496,11 +500,10 @@ class AlignmentDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str, shard: bool = True) -> DataLoader:
         records, features, noise = self._split_inputs(split, self.eval_noise)
         image_bytes = None
-        if features is not None and features.shard_images is not None:
-            shard_images = features.shard_images
-            features.image = {r.image_id: shard_images[(r.shard, r.key)] for r in records}
-        elif is_streamed(records) and (features is None or features.image is None):
-            image_bytes = evaluation_images(records)
+        if is_streamed(records) and (features is None or features.image is None):
+            if split not in self._shard_images:  # clean bytes: every noise setting shares them
+                self._shard_images[split] = evaluation_images(records)
+            image_bytes = self._shard_images[split]
         dataset = EvalImages(
             records,
             self._model_inputs().transform,

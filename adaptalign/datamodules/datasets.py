@@ -173,8 +173,9 @@ class TrainPairs(Dataset):
         if isinstance(image, Tensor):
             return self.pair(index, epoch, {"image_features": image})
         record = self.records[index]
-        pixels = load_record_image(record, self.image_noise, image)
-        return self.pair(index, epoch, {"images": self.transform(pixels)})
+        return self.pair(
+            index, epoch, _image_input(record, self.transform, None, self.image_noise, image)
+        )
 
     def pair(self, index: int, epoch: int, image: dict[str, Tensor]) -> dict:
         """The training item of ``index`` in ``epoch`` around its image input (pixels or

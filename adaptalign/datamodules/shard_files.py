@@ -88,7 +88,7 @@ def _missing_message(setting: str, missing: list[str], total: int) -> str:
 def expand_shards(spec: str | Sequence[str], setting: str) -> list[str]:
     """The shard names of ``spec``: braces expanded, in order, local ones absolute and existing.
 
-    ``setting`` names where the spec came from (``data.train_shards``) for error messages.
+    ``setting`` names where the spec came from (``data.shards``) for error messages.
     URLs are not checked: reaching them may take credentials or time, and the index pass
     reports the first one that cannot be read.
     """

@@ -10,7 +10,6 @@ captions, so their images are read from their shards once, into memory, and serv
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 from torch import Tensor
 
@@ -19,8 +18,7 @@ from adaptalign.datamodules.datasets import TrainPairs, collate_pairs
 from adaptalign.datamodules.records import Record
 from adaptalign.datamodules.shard_curriculum import BufferCurriculum
 from adaptalign.datamodules.shard_features import image_member
-from adaptalign.datamodules.shard_files import IMAGE_EXTENSIONS, read_samples
-from adaptalign.datamodules.shard_stream import ReadShard, ShardPairLoader, ShardPairs
+from adaptalign.datamodules.shard_stream import ReadShard, ShardPairLoader, ShardPairs, read_pairs
 
 FEATURES = "image_features"  # the member a reader of cached features hands over
 
@@ -30,20 +28,23 @@ def is_streamed(records: Sequence[Record]) -> bool:
     return bool(records) and bool(records[0].shard)
 
 
+def by_shard(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """``records`` grouped by their shard, shards and records in the order given."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record.shard, []).append(record)
+    return groups
+
+
 def shard_keys(records: Sequence[Record]) -> tuple[list[str], list[list[str]]]:
     """The shards of ``records`` in order, and per shard the keys of its records."""
-    keys: dict[str, list[str]] = {}
-    for record in records:
-        keys.setdefault(record.shard, []).append(record.key)
-    return list(keys), list(keys.values())
+    groups = by_shard(records)
+    return list(groups), [[r.key for r in group] for group in groups.values()]
 
 
 def shard_image_ids(records: Sequence[Record]) -> list[list[int]]:
     """Per shard of :func:`shard_keys`, the image ids of its records, in the same order."""
-    ids: dict[str, list[int]] = {}
-    for record in records:
-        ids.setdefault(record.shard, []).append(record.image_id)
-    return list(ids.values())
+    return [[r.image_id for r in group] for group in by_shard(records).values()]
 
 
 def streamed_image(url: str, key: str, members: dict) -> bytes | Tensor:
@@ -83,7 +84,7 @@ def stream_loader(
 ) -> ShardPairLoader:
     """This process's training batches streamed from the shards of ``pairs``' records.
 
-    ``read_shard`` replaces reading the image bytes (a reader of cached frozen features).
+    ``read_shard`` replaces reading the image members (a reader of cached frozen features).
     """
     urls, keys = shard_keys(pairs.records)
     stream = ShardPairs(
@@ -98,21 +99,19 @@ def stream_loader(
         shuffle_buffer=shuffle_buffer,
         skip_bad=skip_bad,
         batcher=curriculum,
-        read_shard=read_shard or partial(read_samples, extensions=IMAGE_EXTENSIONS),
+        read_shard=read_shard,
     )
     return ShardPairLoader(stream, num_workers=num_workers, epoch_source=epoch_source)
 
 
 def evaluation_images(records: Sequence[Record]) -> dict[int, bytes]:
     """The image bytes of ``records`` stored in shards, by image id, each shard read once."""
-    urls, keys = shard_keys(records)
-    ids = {(r.shard, r.key): r.image_id for r in records}
     found: dict[int, bytes] = {}
-    for url, wanted in zip(urls, keys, strict=True):
-        wanted_keys = set(wanted)
-        for key, members in read_samples(url, IMAGE_EXTENSIONS):
-            if key in wanted_keys:
-                found[ids[(url, key)]] = image_member(url, key, members)
+    for url, group in by_shard(records).items():
+        ids = {r.key: r.image_id for r in group}
+        for key, members in read_pairs(url):
+            if key in ids:
+                found[ids[key]] = image_member(url, key, members)
     missing = [r for r in records if r.image_id not in found]
     if missing:
         raise DatasetFormatError(

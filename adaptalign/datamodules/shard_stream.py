@@ -43,7 +43,6 @@ from adaptalign.datamodules.shard_files import IMAGE_EXTENSIONS, read_samples
 
 log = logging.getLogger(__name__)
 
-TEXT_EXTENSIONS = ("txt", "json")
 # Counters every yielded batch carries (0-dim integer tensors), for the per-epoch totals.
 COUNTERS = ("stream_bad", "stream_repeated")
 
@@ -259,8 +258,9 @@ def consecutive_batches(
 
 
 def read_pairs(url: str) -> Iterator[tuple[str, Members]]:
-    """The default shard reader: each sample's image and caption members (``read_samples``)."""
-    return read_samples(url, IMAGE_EXTENSIONS + TEXT_EXTENSIONS)
+    """The default shard reader: each sample's image member (``read_samples``); its captions
+    come from the index pass, so the stream reads no text."""
+    return read_samples(url, IMAGE_EXTENSIONS)
 
 
 def _worker_message(text: str) -> str | None:

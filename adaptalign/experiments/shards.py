@@ -23,7 +23,7 @@ from adaptalign.common.errors import ConfigurationError
 from adaptalign.datamodules.builder import SPLITS, SplitSettings, read_records
 from adaptalign.datamodules.generated import GeneratedConfig
 from adaptalign.datamodules.records import Record
-from adaptalign.datamodules.shard_writer import write_shards
+from adaptalign.datamodules.shard_writer import SHARD_DIGITS, shard_name, write_shards
 
 # The data settings that decide which records a data set has (not subsets, noise or batching).
 READ_SETTINGS = (
@@ -72,21 +72,19 @@ def write_split_shards(
     return written
 
 
-def pattern(paths: list[Path]) -> str:
-    """A brace pattern naming shards ``prefix-000000.tar`` to ``prefix-00000N.tar``."""
-    if len(paths) == 1:
-        return str(paths[0])
-    first, last = paths[0].name, paths[-1].name
-    prefix, start = first[: first.rindex("-") + 1], first[first.rindex("-") + 1 : -len(".tar")]
-    end = last[last.rindex("-") + 1 : -len(".tar")]
-    return str(paths[0].parent / f"{prefix}{{{start}..{end}}}.tar")
+def pattern(folder: Path, prefix: str, count: int) -> str:
+    """The brace pattern naming the ``count`` shards of ``prefix`` that ``write_shards`` wrote."""
+    if count == 1:
+        return str(folder / shard_name(prefix, 0))
+    numbers = f"{{{0:0{SHARD_DIGITS}d}..{count - 1:0{SHARD_DIGITS}d}}}"
+    return str(folder / f"{prefix}-{numbers}.tar")
 
 
 def write_data_config(output: Path, written: dict[str, list[Path]]) -> Path:
     """``data.yaml``: the data settings that stream the shards just written."""
     data: dict[str, Any] = {"format": "webdataset"}
     for split, paths in written.items():
-        data[SETTING_NAMES[split]] = pattern([p.resolve() for p in paths])
+        data[SETTING_NAMES[split]] = pattern(output.resolve(), split, len(paths))
     path = output / "data.yaml"
     with atomic_open(path, "w") as handle:
         handle.write(
