@@ -125,6 +125,12 @@ def text_model_key(backbone: nn.Module) -> str:
     return module_digest(backbone, f"max_length={backbone.max_seq_length}", f"batch={TEXT_BATCH}")
 
 
+def active_image_noise(noise: NoiseConfig | None) -> NoiseConfig | None:
+    """The noise config when it perturbs images, else ``None`` (clean images are keyed by their
+    bytes alone)."""
+    return noise if noise is not None and noise.image_rate > 0 else None
+
+
 def image_key(record: Record, noise: NoiseConfig | None) -> str:
     """The image's bytes; noisy images add the noise settings and the image id they are keyed by."""
     return image_bytes_key(record.image_path.read_bytes(), noise, record.image_id)
@@ -370,8 +376,7 @@ def compute_frozen_features(
     settings join each image's key); caption noise is already in the records' text, which is the
     key.
     """
-    if image_noise is not None and image_noise.image_rate == 0:
-        image_noise = None
+    image_noise = active_image_noise(image_noise)
     result = FrozenFeatures()
     image_tower, text_backbone, text_prefix = (
         inputs.image_tower,

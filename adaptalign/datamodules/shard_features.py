@@ -44,6 +44,7 @@ from adaptalign.datamodules.feature_cache import (
 )
 from adaptalign.datamodules.frozen_features import (
     IMAGE_BATCH,
+    active_image_noise,
     forward_images,
     image_bytes_key,
     image_model_key,
@@ -65,12 +66,6 @@ OPEN_SHARDS = 2
 
 Sample = tuple[str, int | None]
 """A sample's key in its shard and, for noisy images (drawn per image id), its image id."""
-
-
-def active_image_noise(noise: NoiseConfig | None) -> NoiseConfig | None:
-    """The noise config when it perturbs images, else ``None`` (clean images are keyed by their
-    bytes alone)."""
-    return noise if noise is not None and noise.image_rate > 0 else None
 
 
 def assign_shards(sizes: Sequence[int], world: int) -> list[list[int]]:
