@@ -33,7 +33,7 @@ class Seen(StreamCounts):
         self.per_epoch: list[int] = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.per_epoch.append(self.pairs)
+        self.per_epoch.append(int(self.totals[0]))
         super().on_train_epoch_end(trainer, pl_module)
 
 

@@ -16,26 +16,22 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from adaptalign.datamodules.shard_stream import COUNTERS
 from adaptalign.lightning_modules.gather import all_reduce_sum
-
-COUNTERS = ("stream_bad", "stream_repeated")
 
 
 class StreamCounts(L.Callback):
     """Sums the pairs, bad samples and repeats of streamed training batches per epoch.
 
-    Batches without the counters (a map-style loader's) leave it silent.
+    Batches without the counters (a map-style loader's) leave it silent. The sums stay tensors
+    on the batch's device until the epoch ends, so a step never waits on the device for them.
     """
 
     def __init__(self) -> None:
-        self.pairs = 0
-        self.bad = 0
-        self.repeated = 0
-        self.streamed = False
+        self.totals: torch.Tensor | None = None  # pairs, bad samples, repeats; None: not streamed
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.pairs = self.bad = self.repeated = 0
-        self.streamed = False
+        self.totals = None
 
     def on_train_batch_end(
         self,
@@ -47,17 +43,15 @@ class StreamCounts(L.Callback):
     ) -> None:
         if not isinstance(batch, dict) or COUNTERS[0] not in batch:
             return
-        self.streamed = True
-        self.pairs += len(batch["index"])
-        self.bad += int(batch["stream_bad"])
-        self.repeated += int(batch["stream_repeated"])
+        bad, repeated = (batch[name] for name in COUNTERS)
+        counts = torch.stack([bad.new_tensor(len(batch["index"])), bad, repeated]).long()
+        self.totals = counts if self.totals is None else self.totals + counts
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every process streams or none does: the loader is the same data module's on each.
-        if not self.streamed:
+        if self.totals is None:
             return
-        local = torch.tensor([self.pairs, self.bad, self.repeated], dtype=torch.float64)
-        pairs, bad, repeated = (int(v) for v in all_reduce_sum(local.to(pl_module.device)))
+        pairs, bad, repeated = (int(v) for v in all_reduce_sum(self.totals))
         for name, value in (
             ("pairs_seen", pairs),
             ("bad_samples", bad),
