@@ -357,6 +357,43 @@ def test_comparison_file_with_command_line_precedence(tmp_path: Path, capsys) ->
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
+def test_a_comparison_file_extends_another_and_adds_its_overrides(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        f"configs: [{TINY}]\nseeds: [0, 1]\ntrain_images: [16, 32]\n"
+        f"output: {tmp_path / 'base'}\noverrides: [--trainer.max_epochs=2]\n"
+    )
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(
+        f"extends: {base}\ntrain_images: [16]\noutput: {tmp_path / 'variant'}\n"
+        "overrides: [--data.noise.caption_rate=0.2]\n"
+    )
+    parser = build_parser()
+    own, overrides = split_overrides(["--config", str(variant)], own_options(parser))
+    settings = resolve_settings(parser.parse_args(own), overrides)
+    assert settings.configs == [TINY] and settings.seeds == [0, 1]  # from the base
+    assert settings.train_images == [16] and settings.output == tmp_path / "variant"  # replaced
+    assert settings.overrides == ["--trainer.max_epochs=2", "--data.noise.caption_rate=0.2"]
+
+
+@pytest.mark.parametrize(
+    ("extends", "expected"),
+    [("loop", "which leads back to"), ("missing", "gone.yaml: no such file"), ("list", "one file's path")],
+)
+def test_a_bad_extends_is_one_error_naming_the_file(
+    tmp_path: Path, capsys, extends: str, expected: str
+) -> None:
+    spec, other = tmp_path / "spec.yaml", tmp_path / "other.yaml"
+    other.write_text(f"extends: {spec}\n")
+    target = {"loop": str(other), "missing": str(tmp_path / "gone.yaml"), "list": f"[{other}]"}
+    spec.write_text(f"extends: {target[extends]}\nconfigs: [{TINY}]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(spec), "--dry-run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and str(spec.name) in err
+
+
 def test_the_example_comparison_plans_fixed_vs_learnable_temperature(
     monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

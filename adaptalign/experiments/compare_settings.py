@@ -115,8 +115,13 @@ def split_overrides(argv: Sequence[str], own_options: set[str]) -> tuple[list[st
     return own, overrides
 
 
-def read_settings_file(path: str) -> dict[str, Any]:
-    """The comparison file's keys, normalised to the option names (``train-images`` and so on)."""
+def read_settings_file(path: str, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The comparison file's keys, normalised to the option names (``train-images`` and so on).
+
+    ``extends: OTHER.yaml`` starts from another comparison file's settings, so a variant (another
+    output, a training-noise override) states only what differs: its keys replace the other
+    file's, except ``overrides``, which are added after the other file's own.
+    """
     try:
         loaded = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -126,11 +131,25 @@ def read_settings_file(path: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings")
     values: dict[str, Any] = {}
+    parent = loaded.pop("extends", None)
+    if parent is not None:
+        here = Path(path).resolve()
+        if not isinstance(parent, str):
+            raise ValueError(f"--config {path}: extends {parent!r}; expected one file's path")
+        if Path(parent).resolve() in (*extended_by, here):
+            raise ValueError(f"--config {path}: extends {parent}, which leads back to {path}")
+        if not Path(parent).is_file():
+            raise ValueError(f"--config {path}: extends {parent}: no such file")
+        values = read_settings_file(parent, (*extended_by, here))
     for key, value in loaded.items():
         normal = str(key).replace("-", "_")
         normal = SETTING_ALIASES.get(normal, normal)
         if normal not in SETTINGS:
-            raise ValueError(f"--config {path}: unknown key {key!r}; expected one of {SETTINGS}")
+            raise ValueError(
+                f"--config {path}: unknown key {key!r}; expected one of {(*SETTINGS, 'extends')}"
+            )
+        if normal == "overrides" and normal in values:
+            value = _as_list(values[normal]) + _as_list(value)
         values[normal] = value
     return values
 
