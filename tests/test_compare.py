@@ -378,7 +378,11 @@ def test_a_comparison_file_extends_another_and_adds_its_overrides(tmp_path: Path
 
 @pytest.mark.parametrize(
     ("extends", "expected"),
-    [("loop", "which leads back to"), ("missing", "gone.yaml: no such file"), ("list", "one file's path")],
+    [
+        ("loop", "which leads back to"),
+        ("missing", "gone.yaml: no such file"),
+        ("list", "one file's path"),
+    ],
 )
 def test_a_bad_extends_is_one_error_naming_the_file(
     tmp_path: Path, capsys, extends: str, expected: str
