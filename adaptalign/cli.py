@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from adaptalign import __version__
+from adaptalign.common.allocator import keep_freed_memory
 from adaptalign.common.exit_status import PROG, error_line, reported_status
 
 
@@ -102,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 15-epoch frozen-feature run on 2 busy cores: 8 s instead of 35-48 s). Set before torch
     # loads OpenMP; Ray workers and fits started from here inherit it; a user's own value stays.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Large tensors' memory is reused instead of page-faulted in at every step (4.5x on a frozen
+    # image tower's forward on CPU); see adaptalign.common.allocator. The same for children.
+    keep_freed_memory()
     try:
         code = command.entry()(args if command.whole_argv else args[1:])
     except Exception as exc:

@@ -15,7 +15,9 @@ gives the tower raw images / captions and runs its frozen prefix (no grad, eval 
 The other tower is served from the cache on both sides. The cache is filled first, untimed (its
 one-time cost is printed, zero when an earlier run filled it), so the timed cached epoch only reads.
 Each timed epoch runs in its own process, so its peak resident memory (``ru_maxrss``) is its own;
-like the command line, the processes let idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``).
+like the command line, the processes let idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) and
+keep freed large buffers for reuse (``adaptalign.common.allocator``), without which recomputing
+would also pay for page-faulting its activations in at every step.
 The machine's load average is printed beside each run, since other work on the cores slows both
 sides, and not alike: the goals are judged on wall time, with the epochs' CPU time (user + system of
 the process; about the wall time when the run got one core's worth of the two) printed beside it.
@@ -52,6 +54,7 @@ import torch
 from goals import overall, verdict
 
 from adaptalign.callbacks.model_inputs import model_inputs
+from adaptalign.common.allocator import keep_freed_memory
 from adaptalign.datamodules.builder import feature_cache
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.datamodules.frozen_features import (
@@ -437,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the command line does; the children read it from the environment
     if not real_data():
         print(f"{TOKENS} or {WEIGHTS} not found: using the generated dataset instead")
         args.train_images = min(args.train_images, 2000)

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptalign.common.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT
 from adaptalign.common.errors import ConfigurationError
 
 INSTALL_HINT = "pip install 'ray[tune]'"
 CONNECT_SECONDS = 5.0
-SHARED_ENV = ("OMP_WAIT_POLICY",)  # see adaptalign.cli: idle OpenMP threads sleep
+# See adaptalign.cli: idle OpenMP threads sleep, and freed large buffers are kept for reuse.
+SHARED_ENV = ("OMP_WAIT_POLICY", *ALLOCATOR_ENVIRONMENT)
 
 
 @dataclass(frozen=True)
