@@ -11,6 +11,7 @@ from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_modules.image_split import (
     ImageSplit,
     image_block_count,
+    image_parameter_depths,
     split_image_model,
 )
 
@@ -395,3 +396,20 @@ def test_swin_windows_can_be_cut() -> None:
         with torch.no_grad():
             actual = cut.suffix(backbone, cut.prefix(backbone, x))
             torch.testing.assert_close(actual, backbone(x), atol=1e-5, rtol=1e-4)
+
+
+def test_depths_count_blocks_down_from_the_top() -> None:
+    depths = image_parameter_depths(TwoBlocks(), "two_blocks", "model.tower_lr_decay")
+    assert depths == {
+        "stem.weight": 3,
+        "stem.bias": 3,
+        "blocks.0.weight": 2,
+        "blocks.0.bias": 2,
+        "blocks.1.weight": 1,
+        "blocks.1.bias": 1,
+    }
+
+
+def test_a_model_without_blocks_has_no_depths_for_a_decay() -> None:
+    with pytest.raises(ConfigurationError, match=r"model.tower_lr_decay: timm cannot group no_co"):
+        image_parameter_depths(NoCoarseGrouping(), "no_coarse", "model.tower_lr_decay")

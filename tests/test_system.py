@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from adaptalign.common.errors import ConfigurationError
 from adaptalign.lightning_modules.controls import (
     ControlledSystem,
     Controls,
@@ -270,7 +271,6 @@ def test_a_towers_gradient_scale_moves_sgd_and_cancels_in_adamw(
 
 
 def test_an_unknown_optimizer_or_momentum_is_refused(tiny_text_model: str) -> None:
-    from adaptalign.common.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="optimizer='adam'; expected 'adamw' or 'sgd'"):
         tiny_module(tiny_text_model, optimizer="adam")
@@ -363,3 +363,69 @@ def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(
     assert "'temperature': 0.25" in message and "'margin': '0.3 (model)'" in message
     assert message.endswith("Training stopped; no checkpoint had been written yet.")
     assert "last good" not in message
+
+
+def optimiser_lrs(module: AlignmentModule) -> dict[int, float]:
+    """Each optimised parameter's learning rate, by identity."""
+
+    class FakeTrainer:
+        estimated_stepping_batches = 100
+
+    module.trainer = FakeTrainer()  # type: ignore[assignment]
+    optimizer = module.configure_optimizers()["optimizer"]
+    return {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("unlocked", [2, "all"])
+def test_a_decayed_tower_learning_rate_halves_with_each_block_or_layer_down(
+    tiny_text_model_3_layers: str, unlocked: int | str
+) -> None:
+    m = AlignmentModule(
+        image_tower={"model_name": "test_resnet", "unlocked_blocks": unlocked},
+        text_tower={"model_name": tiny_text_model_3_layers, "unlocked_layers": unlocked},
+        embed_dim=8,
+        tower_lr=0.01,
+        tower_lr_decay=0.5,
+    )
+    lrs = optimiser_lrs(m)
+    # test_resnet: stem, layer1-4 (timm's blocks), no final norm; the tiny BERT: embeddings,
+    # layers 0-2; what trains above them (BERT's pooler never reaches the embedding, kept fixed).
+    image_depth = {"conv1": 5, "bn1": 5, "layer1": 4, "layer2": 3, "layer3": 2, "layer4": 1}
+    seen = set()
+    for name, p in m.image_tower.backbone.named_parameters():
+        if p.requires_grad:
+            depth = image_depth[name.split(".")[0]]
+            assert lrs[id(p)] == pytest.approx(0.01 * 0.5**depth), name
+            seen.add(depth)
+    assert seen == ({1, 2} if unlocked == 2 else {1, 2, 3, 4, 5})
+    seen = set()
+    for name, p in m.text_tower.backbone.named_parameters():
+        if p.requires_grad:
+            layer = re.search(r"encoder\.layer\.(\d+)\.", name)
+            depth = 3 - int(layer.group(1)) if layer else 4  # below the layers: the embeddings
+            assert "embeddings" in name or layer, name
+            assert lrs[id(p)] == pytest.approx(0.01 * 0.5**depth), name
+            seen.add(depth)
+    assert seen == ({1, 2} if unlocked == 2 else {1, 2, 3, 4})
+    heads = [*m.image_tower.projection.parameters(), *m.text_tower.projection.parameters()]
+    assert all(lrs[id(p)] == m.hparams.lr for p in heads)
+
+
+def test_without_decay_every_tower_parameter_has_the_tower_learning_rate(
+    tiny_text_model_3_layers: str,
+) -> None:
+    m = AlignmentModule(
+        image_tower={"model_name": "test_resnet", "unlocked_blocks": 2},
+        text_tower={"model_name": tiny_text_model_3_layers, "unlocked_layers": 2},
+        embed_dim=8,
+        tower_lr=0.01,
+    )
+    lrs = optimiser_lrs(m)
+    backbones = [*m.image_tower.backbone.parameters(), *m.text_tower.backbone.parameters()]
+    assert {lrs[id(p)] for p in backbones if p.requires_grad} == {0.01}
+
+
+@pytest.mark.parametrize("decay", [0, 1.5, -0.5])
+def test_a_tower_lr_decay_outside_0_1_is_refused(tiny_text_model: str, decay: float) -> None:
+    with pytest.raises(ConfigurationError, match=rf"tower_lr_decay={decay}; expected a factor in"):
+        tiny_module(tiny_text_model, tower_lr_decay=decay)

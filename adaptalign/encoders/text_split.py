@@ -45,6 +45,31 @@ def _layer_stack(hf_model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return lists[0] if lists else None
 
 
+def text_parameter_depths(model: nn.Module, setting: str) -> dict[str, int]:
+    """Each parameter's depth below the top, for a learning rate that decays with depth.
+
+    Transformer layer i of L (from 0) is at depth L - i; the embeddings (parameter names with
+    ``embed``) sit below the first layer, at L + 1; everything else (pooling, final norms, dense
+    layers after the transformer) is the top, at 0. ``setting`` names the option that asked, for
+    the error on a model without a list of layers.
+    """
+    children = list(model.children())
+    hf_model = getattr(children[0], "auto_model", None) if children else None
+    found = _layer_stack(hf_model) if hf_model is not None else None
+    if found is None:
+        raise ConfigurationError(
+            f"{setting}: the text model has no list of transformer layers, so its parameters "
+            "have no depth to decay the learning rate by; use 1 (no decay)"
+        )
+    _, stack = found
+    depth_of = {id(p): len(stack) - i for i, layer in enumerate(stack) for p in layer.parameters()}
+    below = len(stack) + 1
+    return {
+        name: depth_of.get(id(p), below if "embed" in name else 0)
+        for name, p in model.named_parameters()
+    }
+
+
 def _additive_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, T) 1/0 mask -> (B, 1, 1, T) with 0 where attended and the dtype's minimum at padding.
 

@@ -148,6 +148,27 @@ def split_image_model(
     )
 
 
+def image_parameter_depths(backbone: nn.Module, model_name: str, setting: str) -> dict[str, int]:
+    """Each parameter's depth below the top, for a learning rate that decays with depth.
+
+    0 for the top (final norm, head: what trains whenever any block does), k for the k-th of
+    timm's blocks counted from the top, one more for the stem. ``setting`` names the option
+    that asked, for the error on a model timm cannot group.
+    """
+    try:
+        groups = _parameter_groups(backbone, model_name)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"{setting}: timm cannot group {model_name}'s layers into blocks, so they have no "
+            "depth to decay the learning rate by; use 1 (no decay)"
+        ) from exc
+    depths = dict.fromkeys(groups.top, 0)
+    for above, block in enumerate(reversed(groups.blocks), start=1):
+        depths.update(dict.fromkeys(block, above))
+    depths.update(dict.fromkeys(groups.stem, len(groups.blocks) + 1))
+    return depths
+
+
 @dataclass(frozen=True)
 class _Groups:
     """A backbone's parameter names in timm's coarse groups: stem, blocks in order, and top."""

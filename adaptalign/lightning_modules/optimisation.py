@@ -17,19 +17,28 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def tower_sets(
+    depths: Sequence[tuple[nn.Parameter, int]], tower_lr: float, decay: float
+) -> list[tuple[str, list[nn.Parameter], float]]:
+    """Trained backbone parameters by learning rate: all at ``tower_lr`` when ``decay`` is 1,
+    else one set per depth below the tower's top at ``tower_lr * decay ** depth``."""
+    if decay == 1:
+        return [("towers", [p for p, _ in depths], tower_lr)]
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    for param, depth in depths:
+        by_depth.setdefault(depth, []).append(param)
+    return [(f"towers_depth{d}", by_depth[d], tower_lr * decay**d) for d in sorted(by_depth)]
+
+
 def parameter_groups(
-    towers: Sequence[nn.Parameter],
-    heads: Sequence[nn.Parameter],
-    tower_lr: float,
-    lr: float,
-    weight_decay: float,
+    sets: Sequence[tuple[str, Sequence[nn.Parameter], float]], weight_decay: float
 ) -> list[dict]:
-    """Backbones at ``tower_lr`` and heads at ``lr``; weight decay on matrices only.
+    """One optimiser group per (name, parameters, learning rate); weight decay on matrices only.
 
     Vectors and scalars (biases, norms, the temperature) go to ``<name>_no_decay`` groups.
     """
     groups = []
-    for name, params, group_lr in (("towers", towers, tower_lr), ("projections", heads, lr)):
+    for name, params, group_lr in sets:
         matrices = [p for p in params if p.ndim >= 2]
         others = [p for p in params if p.ndim < 2]
         if matrices:

@@ -36,7 +36,11 @@ from adaptalign.lightning_modules.heads import HeadKind, HeadSpec
 from adaptalign.lightning_modules.losses import info_nce, max_margin, step_statistics
 from adaptalign.lightning_modules.metric_names import RSUM
 from adaptalign.lightning_modules.nonfinite import checkpoint_note, controls_in_force
-from adaptalign.lightning_modules.optimisation import optimiser_with_schedule, parameter_groups
+from adaptalign.lightning_modules.optimisation import (
+    optimiser_with_schedule,
+    parameter_groups,
+    tower_sets,
+)
 from adaptalign.lightning_modules.retrieval import RetrievalMetric
 from adaptalign.lightning_modules.towers import (
     ImageTower,
@@ -75,7 +79,9 @@ class AlignmentModule(L.LightningModule):
             parameter, clamped to ``temperature_bounds``.
         margin: max-margin hinge margin; ``hardest_negative`` uses the VSE++ max over negatives.
         lr, tower_lr: learning rates of projections (and temperature) and of unfrozen backbones;
-            ``weight_decay`` applies to matrices only.
+            ``weight_decay`` applies to matrices only. ``tower_lr_decay`` < 1 decays a tower's
+            learning rate with depth: its top (final norm, head, pooling) at ``tower_lr``, the
+            block or layer below at ``tower_lr * decay``, the next at ``decay**2`` times, and so on.
         optimizer: ``adamw`` (decoupled weight decay) or ``sgd`` with ``momentum``, whose weight
             decay is an L2 term added to the gradient. Under AdamW a constant factor on a tower's
             gradients (ARL's modality weights) cancels; under SGD it scales the tower's steps.
@@ -99,6 +105,7 @@ class AlignmentModule(L.LightningModule):
         hardest_negative: bool = False,
         lr: float = 1e-3,
         tower_lr: float = 1e-5,
+        tower_lr_decay: float = 1.0,
         weight_decay: float = 0.01,
         warmup: float = 0.05,
         min_lr_ratio: float = 0.0,
@@ -112,6 +119,10 @@ class AlignmentModule(L.LightningModule):
         self._validate(embed_dim, criterion, temperature, temperature_bounds, margin, warmup)
         if optimizer not in ("adamw", "sgd"):
             raise ConfigurationError(f"optimizer={optimizer!r}; expected 'adamw' or 'sgd'")
+        if not (isinstance(tower_lr_decay, int | float) and 0 < tower_lr_decay <= 1):
+            raise ConfigurationError(
+                f"tower_lr_decay={tower_lr_decay!r}; expected a factor in (0, 1] (1: no decay)"
+            )
         if not 0 <= momentum < 1:
             raise ConfigurationError(f"momentum={momentum!r}; expected a value in [0, 1)")
         self.save_hyperparameters(ignore=["image_tower", "text_tower"])
@@ -397,15 +408,20 @@ class AlignmentModule(L.LightningModule):
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict:
-        towers = self.image_tower.backbone_parameters() + self.text_tower.backbone_parameters()
+        hp = self.hparams
+        depths = [
+            pair
+            for tower in (self.image_tower, self.text_tower)
+            for pair in tower.backbone_parameter_depths(hp.tower_lr_decay != 1)
+        ]
         heads = [
             *self.image_tower.projection.parameters(),
             *self.text_tower.projection.parameters(),
         ]
         if self.log_scale.requires_grad:
             heads.append(self.log_scale)
-        hp = self.hparams
-        groups = parameter_groups(towers, heads, hp.tower_lr, hp.lr, hp.weight_decay)
+        sets = [*tower_sets(depths, hp.tower_lr, hp.tower_lr_decay), ("projections", heads, hp.lr)]
+        groups = parameter_groups(sets, hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return optimiser_with_schedule(
             groups, hp.optimizer, hp.momentum, total, hp.warmup, hp.min_lr_ratio

@@ -31,13 +31,18 @@ from adaptalign.common.errors import ConfigurationError
 from adaptalign.common.hub import hub_unreachable
 from adaptalign.encoders.length_sorted import encode_by_length, padded_by_length
 from adaptalign.encoders.text_models import DEFAULT_MAX_TOKENS, load_text_model, sentence_width
-from adaptalign.encoders.text_split import TextSplit
+from adaptalign.encoders.text_split import TextSplit, text_parameter_depths
 from adaptalign.lightning_modules.heads import LINEAR, HeadSpec
-from adaptalign.lightning_modules.image_split import ImageSplit, split_image_model
+from adaptalign.lightning_modules.image_split import (
+    ImageSplit,
+    image_parameter_depths,
+    split_image_model,
+)
 
 log = logging.getLogger(__name__)
 
 # The files timm reads from a hub repository, in its order, when the model names none.
+DECAY_SETTING = "model.tower_lr_decay"
 TIMM_WEIGHT_NAMES = ["model.safetensors", "pytorch_model.bin"]
 
 
@@ -155,6 +160,19 @@ class _Tower(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def backbone_parameter_depths(self, decayed: bool) -> list[tuple[nn.Parameter, int]]:
+        """The trained backbone parameters with their depth below the tower's top; all 0 unless
+        ``decayed``: only a learning rate that decays with depth needs the depths, which a model
+        without blocks or layers to count does not have."""
+        trained = [(name, p) for name, p in self.backbone.named_parameters() if p.requires_grad]
+        if not decayed or not trained:
+            return [(p, 0) for _, p in trained]
+        depths = self._parameter_depths(DECAY_SETTING)
+        return [(p, depths.get(name, 0)) for name, p in trained]
+
+    def _parameter_depths(self, setting: str) -> dict[str, int]:
+        raise NotImplementedError
 
     @property
     def cut(self) -> str:
@@ -364,6 +382,9 @@ class ImageTower(_Tower):
         self.feature_dim = int(self.backbone.num_features)
         self.projection = head.build(self.feature_dim, embed_dim)
 
+    def _parameter_depths(self, setting: str) -> dict[str, int]:
+        return image_parameter_depths(self.backbone, self.config.model_name, setting)
+
     @property
     def weights_source(self) -> str | None:
         """The setting the backbone's weights are loaded from; None when drawn at random."""
@@ -446,6 +467,9 @@ class TextTower(_Tower):
         self.projection = head.build(self.feature_dim, embed_dim)
         # A frozen encoder maps a caption to the same features every epoch: remember them.
         self._memo: dict[str, Tensor] = {}
+
+    def _parameter_depths(self, setting: str) -> dict[str, int]:
+        return text_parameter_depths(self.backbone, setting)
 
     @property
     def weights_source(self) -> str:
