@@ -22,6 +22,7 @@ import torch
 from goals import overall, verdict
 
 from adaptalign.callbacks.model_inputs import ModelInputsLink
+from adaptalign.common.allocator import keep_freed_memory
 from adaptalign.datamodules.datamodule import AlignmentDataModule
 from adaptalign.lightning_modules.system import AlignmentModule
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="default: $ADAPTALIGN_CACHE or ~/.cache")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the command line does: no page faults for large buffers at each step
     if not (TOKENS.is_file() and WEIGHTS.is_file()):
         print(f"{TOKENS} or {WEIGHTS} not found: using the generated dataset instead")
         args.train_images = min(args.train_images, 2000)
