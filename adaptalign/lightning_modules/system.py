@@ -133,6 +133,9 @@ class AlignmentModule(L.LightningModule):
         head.check()
         self.image_tower = ImageTower(image_cfg, embed_dim, head)
         self.text_tower = TextTower(text_cfg, embed_dim, head)
+        if tower_lr_decay != 1:  # a tower without blocks or layers to count refuses it now
+            for tower in (self.image_tower, self.text_tower):
+                tower.backbone_parameter_depths(decayed=True)
         self.criterion = criterion
         low, high = temperature_bounds
         self.log_scale_bounds = (math.log(1 / high), math.log(1 / low))

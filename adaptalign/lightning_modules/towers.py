@@ -41,8 +41,8 @@ from adaptalign.lightning_modules.image_split import (
 
 log = logging.getLogger(__name__)
 
-# The files timm reads from a hub repository, in its order, when the model names none.
 DECAY_SETTING = "model.tower_lr_decay"
+# The files timm reads from a hub repository, in its order, when the model names none.
 TIMM_WEIGHT_NAMES = ["model.safetensors", "pytorch_model.bin"]
 
 
