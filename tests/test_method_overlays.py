@@ -56,7 +56,7 @@ def expected_settings(name: str, key: str) -> dict:
 
 def test_every_method_has_shipped_overlays() -> None:
     assert set(method_overlays().values()) == set(METHODS)
-    assert len(method_overlays()) == 9  # 3 schedules, 4 loss weightings, TOnICS, ARL
+    assert len(method_overlays()) == 10  # 3 schedules, 5 loss weightings (2 fixed), TOnICS, ARL
 
 
 @pytest.mark.parametrize(
