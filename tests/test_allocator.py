@@ -42,7 +42,8 @@ def page_faults(setup: str = "", **env: str) -> int:
 @pytest.mark.slow
 def test_large_buffers_are_reused_in_this_process_and_in_the_processes_it_starts() -> None:
     glibc_default = page_faults()
-    assert glibc_default > 5 * 4096  # at least a fifth of the 5 x 16,384 pages faulted in again
+    # 5 x 16,384 pages of 4 KiB faulted in again (or 5 x 32 where huge pages back the blocks)
+    assert glibc_default > 100
     in_process = page_faults(
         "from adaptalign.common.allocator import keep_freed_memory; keep_freed_memory()"
     )
