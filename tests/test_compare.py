@@ -432,6 +432,27 @@ def test_layered_configs_become_repeated_config_arguments(
     assert "[18/18] learnable n=6000 seed=2" in printed
 
 
+REPOSITORY = Path(__file__).parent.parent
+COMPARISON_FILES = sorted((REPOSITORY / "configs" / "compare").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "spec", COMPARISON_FILES, ids=[str(p.relative_to(REPOSITORY)) for p in COMPARISON_FILES]
+)
+def test_every_shipped_comparison_plans_runs_from_existing_configs(
+    spec: Path, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    """A comparison file the README points to plans its runs, and every config it layers exists."""
+    monkeypatch.chdir(REPOSITORY)
+    main(["--config", str(spec.relative_to(REPOSITORY)), "--dry-run", "--output", str(tmp_path)])
+    printed = capsys.readouterr().out
+    planned = int(printed.split(" runs", 1)[0])
+    commands = [line.split() for line in printed.splitlines() if " fit " in line]
+    assert planned > 0 and len(commands) == planned
+    named = {words[i + 1] for words in commands for i, w in enumerate(words) if w == "--config"}
+    assert named and all((REPOSITORY / path).is_file() for path in named), named
+
+
 def test_repeated_names_are_refused(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--configs", TINY, TINY, "--output", "unused"])
