@@ -14,7 +14,9 @@ import torch
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.backend_bases import RendererBase
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from scipy import stats
 
 from adaptalign.callbacks import run_summary
@@ -207,6 +209,31 @@ def test_stress_plot_titled_with_one_legend_and_one_colour_per_config() -> None:
     assert [axis.get_title() for axis in figure.axes] == ["100 train images", "200 train images"]
     colours = [[line.get_color() for line in axis.lines[::3]] for axis in figure.axes]
     assert colours[0] == colours[1] and len(set(colours[0])) == 2
+
+
+def test_a_stress_plot_of_21_configs_at_one_size_tells_every_line_apart_and_fits() -> None:
+    """Past matplotlib's 10 and 20 colours each config still has its own look, and the title and
+    the legend of one narrow panel stay inside the figure."""
+    names = [f"config_{i}" for i in range(21)]
+    rows = [
+        {"name": name, "train_images": "1000", "seed": seed, "rate": rate, "rsum": 400.0 - rate}
+        for name in names
+        for seed in (0, 1)
+        for rate in (0.0, 0.2)
+    ]
+    title = "Reality check, generated long-tail data with the image tower trained from scratch"
+    figure = stress_figure(aggregate_stress(rows), "both", title)
+    assert_legend_beside_the_data(figure, names)
+    looks = [
+        (tuple(to_rgba(line.get_color())), line.get_marker()) for line in figure.axes[0].lines[::3]
+    ]
+    assert len(looks) == 21 and len(set(looks)) == 21
+    renderer = drawn(figure)
+    inside = figure.bbox
+    (suptitle,) = (t for t in figure.findobj(Text) if t.get_text() == figure.get_suptitle())
+    for text in (suptitle, *figure.legends):
+        box = text.get_window_extent(renderer)
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1, (box, inside)
 
 
 # ----------------------------------------------------------------------------- run summary

@@ -291,6 +291,15 @@ def config_colour(index: int, count: int) -> str | tuple[float, ...]:
     return tuple(colormaps["tab20"](index % 20))
 
 
+CONFIG_MARKERS = ("o", "s", "^", "D")
+
+
+def config_marker(index: int) -> str:
+    """A circle for the first 20 configs, then another shape per 20: past the 20-colour table,
+    two lines of one colour still tell apart."""
+    return CONFIG_MARKERS[(index // 20) % len(CONFIG_MARKERS)]
+
+
 def legend_below(figure: Figure) -> None:
     """One legend for all panels, under them: inside a panel it would cover points."""
     handles, labels = [], []
@@ -348,7 +357,7 @@ def _lines_over_sizes(
                 xs,
                 means,
                 yerr=errors,
-                marker="o",
+                marker=config_marker(index),
                 capsize=3,
                 label=name,
                 color=config_colour(index, len(names)),

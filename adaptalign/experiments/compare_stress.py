@@ -25,6 +25,8 @@ from adaptalign.common.atomic_files import atomic_save
 from adaptalign.common.figures import new_figure, png_bytes
 from adaptalign.experiments.compare_results import (
     TABLE_METRICS,
+    config_colour,
+    config_marker,
     describe,
     format_stat,
     legend_below,
@@ -201,13 +203,12 @@ def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -
     sizes = list(dict.fromkeys(g["train_images"] for g in groups))
     names = list(dict.fromkeys(g["name"] for g in groups))
     splits = stress_splits(groups)
-    figure = new_figure(5 * len(sizes), 4.4, "constrained")
+    # at least 10 inches: room for the two-line title and a legend of many configs
+    figure = new_figure(max(5 * len(sizes), 10), 4.4, "constrained")
     for index, size in enumerate(sizes):
         axes = figure.add_subplot(1, len(sizes), index + 1)
         mine = [g for g in groups if g["train_images"] == size and "rsum" in g["stats"]]
-        for (colour, name), (style, split) in itertools.product(
-            enumerate(names), enumerate(splits)
-        ):
+        for (index, name), (style, split) in itertools.product(enumerate(names), enumerate(splits)):
             line = sorted(
                 (g for g in mine if g["name"] == name and g.get("split", "val") == split),
                 key=lambda g: g["rate"],
@@ -219,10 +220,10 @@ def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -
                 [g["rate"] for g in line],
                 [s.mean for s in stats],
                 yerr=[s.std or 0.0 for s in stats],
-                marker="o",
+                marker=config_marker(index),
                 capsize=3,
                 label=f"{name} ({split})" if len(splits) > 1 else name,
-                color=f"C{colour}",  # a config keeps its colour in every panel
+                color=config_colour(index, len(names)),  # the same in every panel
                 linestyle=LINE_STYLES[style % len(LINE_STYLES)],
             )
         axes.set_xlabel(f"noise rate ({NOISE_WORDS.get(modality, modality)})")
