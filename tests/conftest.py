@@ -89,3 +89,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("ddp") is not None:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def allocator_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that runs a command in this process does not change the process's malloc for the
+    tests after it (which cannot be undone) or export its settings to their subprocesses;
+    ``tests/test_allocator.py`` runs the real one where it checks it."""
+    from adaptalign import cli
+
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: [])

@@ -29,11 +29,22 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def without_malloc_settings() -> dict[str, str]:
+    """This environment less anything that configures glibc's malloc or our switch."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not allocator.malloc_configured({k: v}) and k != allocator.SWITCH
+    }
+
+
 def page_faults(setup: str = "", **env: str) -> int:
-    clean = {k: v for k, v in os.environ.items() if k not in allocator.ENVIRONMENT}
     code = STEPS.format(setup=setup)
     done = subprocess.run(
-        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
+        [sys.executable, "-c", code],
+        env={**without_malloc_settings(), **env},
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1])
@@ -47,19 +58,37 @@ def test_large_buffers_are_reused_in_this_process_and_in_the_processes_it_starts
     in_process = page_faults(
         "from adaptalign.common.allocator import keep_freed_memory; keep_freed_memory()"
     )
-    settings = {name: str(value) for name, (_, value) in allocator.SETTINGS.items()}
+    settings = {name: str(value) for name, (_, value) in allocator.MALLOPT_SETTINGS.items()}
     started_with_them = page_faults(**settings)  # what a child of a configured process gets
     assert in_process * 10 < glibc_default and started_with_them * 10 < glibc_default
 
 
-@pytest.mark.parametrize("given", [None, "65536"])
-def test_every_command_sets_the_allocator_unless_the_user_did(
-    monkeypatch: pytest.MonkeyPatch, given: str | None
+OURS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+UNSET = dict.fromkeys(allocator.ENVIRONMENT)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, OURS),
+        # the user's malloc settings, even one of the two, are theirs alone
+        ({"MALLOC_TRIM_THRESHOLD_": "65536"}, {**UNSET, "MALLOC_TRIM_THRESHOLD_": "65536"}),
+        ({"MALLOC_MMAP_THRESHOLD_": "131072"}, UNSET),
+        ({"GLIBC_TUNABLES": "glibc.cpu.x86_shstk=on:glibc.malloc.trim_threshold=0"}, UNSET),
+        ({allocator.SWITCH: "0"}, UNSET),
+        # settings that do not decide when freed memory goes back
+        ({"MALLOC_ARENA_MAX": "2"}, OURS),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, OURS),
+    ],
+)
+def test_every_command_sets_the_allocator_unless_the_user_configured_it(
+    monkeypatch: pytest.MonkeyPatch, given: dict[str, str], expected: dict[str, str | None]
 ) -> None:
-    for name in allocator.ENVIRONMENT:
-        monkeypatch.delenv(name, raising=False)
-    if given is not None:
-        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", given)
+    for name in os.environ.keys() - without_malloc_settings().keys():
+        monkeypatch.delenv(name)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli, "keep_freed_memory", allocator.keep_freed_memory)
     seen = []
     probe = SimpleNamespace(
         entry=lambda: (
@@ -69,4 +98,40 @@ def test_every_command_sets_the_allocator_unless_the_user_did(
     )
     monkeypatch.setitem(cli.SUBCOMMANDS, "probe", probe)
     assert cli.main(["probe"]) == 0
-    assert seen == [{"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": given or str(1 << 30)}]
+    assert seen == [expected if allocator.glibc_library() is not None else {**UNSET, **given}]
+
+
+class RecordingLibrary:
+    """A C library whose ``mallopt`` records its calls and answers ``result``."""
+
+    def __init__(self, result: int) -> None:
+        self.result = result
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return self.result
+
+
+@pytest.mark.parametrize("result", [1, 0])
+def test_only_settings_glibc_accepted_are_exported(
+    monkeypatch: pytest.MonkeyPatch, result: int
+) -> None:
+    for name in os.environ.keys() - without_malloc_settings().keys():
+        monkeypatch.delenv(name)
+    library = RecordingLibrary(result)
+    monkeypatch.setattr(allocator, "glibc_library", lambda: library)
+    applied = allocator.keep_freed_memory()
+    # M_MMAP_MAX (-4) to 0 and M_TRIM_THRESHOLD (-1) to 1 GiB, as malloc.h numbers them
+    assert library.calls == [(-4, 0), (-1, 1 << 30)]
+    exported = {k: os.environ.get(k) for k in allocator.ENVIRONMENT}
+    assert (applied, exported) == ((list(OURS), OURS) if result == 1 else ([], UNSET))
+
+
+def test_another_c_library_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in os.environ.keys() - without_malloc_settings().keys():
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.glibc_library() is None
+    assert allocator.keep_freed_memory() == []
+    assert {k: os.environ.get(k) for k in allocator.ENVIRONMENT} == UNSET

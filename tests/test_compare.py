@@ -225,7 +225,8 @@ def test_a_stress_plot_of_21_configs_at_one_size_tells_every_line_apart_and_fits
     figure = stress_figure(aggregate_stress(rows), "both", title)
     assert_legend_beside_the_data(figure, names)
     looks = [
-        (tuple(to_rgba(line.get_color())), line.get_marker()) for line in figure.axes[0].lines[::3]
+        (to_rgba(bars.lines[0].get_color()), bars.lines[0].get_marker())
+        for bars in figure.axes[0].containers
     ]
     assert len(looks) == 21 and len(set(looks)) == 21
     renderer = drawn(figure)
@@ -401,6 +402,12 @@ def test_a_comparison_file_extends_another_and_adds_its_overrides(tmp_path: Path
     assert settings.configs == [TINY] and settings.seeds == [0, 1]  # from the base
     assert settings.train_images == [16] and settings.output == tmp_path / "variant"  # replaced
     assert settings.overrides == ["--trainer.max_epochs=2", "--data.noise.caption_rate=0.2"]
+
+    variant.write_text(f"extends: {base}\noverrides: null\n")  # adds nothing, keeps the base's
+    own, overrides = split_overrides(["--config", str(variant)], own_options(parser))
+    assert resolve_settings(parser.parse_args(own), overrides).overrides == [
+        "--trainer.max_epochs=2"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from adaptalign.common.errors import ConfigurationError
+from adaptalign.encoders import text_split
 from adaptalign.lightning_modules.controls import (
     ControlledSystem,
     Controls,
@@ -217,6 +218,15 @@ def test_warmup_then_cosine_schedule() -> None:
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
 
 
+def built_optimizer(module: AlignmentModule, steps: int = 100) -> torch.optim.Optimizer:
+    """The module's optimiser as ``fit`` builds it, outside a trainer (``steps`` for its
+    schedule); the module is left without a trainer."""
+    module.trainer = SimpleNamespace(estimated_stepping_batches=steps)  # type: ignore[assignment]
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.trainer = None  # type: ignore[assignment]
+    return optimizer
+
+
 def test_optimizer_groups_separate_towers_and_projections(tiny_text_model: str) -> None:
     m = AlignmentModule(
         image_tower={"model_name": "test_resnet", "freeze": True},
@@ -226,11 +236,7 @@ def test_optimizer_groups_separate_towers_and_projections(tiny_text_model: str) 
         tower_lr=1e-5,
     )
 
-    class FakeTrainer:
-        estimated_stepping_batches = 100
-
-    m.trainer = FakeTrainer()  # type: ignore[assignment]
-    optimizer = m.configure_optimizers()["optimizer"]
+    optimizer = built_optimizer(m)
     by_name = {g["name"]: g for g in optimizer.param_groups}
     tower_ids = {id(p) for g in ("towers", "towers_no_decay") for p in by_name[g]["params"]}
     text_trainable = {id(p) for p in m.text_tower.backbone.parameters() if p.requires_grad}
@@ -248,16 +254,11 @@ def test_a_towers_gradient_scale_moves_sgd_and_cancels_in_adamw(
     """ARL's modality weights scale a tower's gradients: SGD's first step scales with them, while
     AdamW's (gradient over its own running size) does not, up to its epsilon."""
 
-    class FakeTrainer:
-        estimated_stepping_batches = 10
-
     def first_update(scale: float) -> torch.Tensor:
         m = tiny_module(
             tiny_text_model, image={"freeze": True}, optimizer=optimizer, weight_decay=0.0, lr=1.0
         )  # a large step, so the difference of weights keeps its precision
-        m.trainer = FakeTrainer()  # type: ignore[assignment]
-        step = m.configure_optimizers()["optimizer"]
-        m.trainer = None  # type: ignore[assignment]
+        step = built_optimizer(m, steps=10)
         before = m.text_tower.projection.weight.detach().clone()
         m.controls = Controls(tower_grad_scale=(1.0, scale))
         m.training_step(batch, 0)["loss"].backward()
@@ -271,7 +272,6 @@ def test_a_towers_gradient_scale_moves_sgd_and_cancels_in_adamw(
 
 
 def test_an_unknown_optimizer_or_momentum_is_refused(tiny_text_model: str) -> None:
-
     with pytest.raises(ConfigurationError, match="optimizer='adam'; expected 'adamw' or 'sgd'"):
         tiny_module(tiny_text_model, optimizer="adam")
     with pytest.raises(ConfigurationError, match=r"momentum=1.0; expected a value in \[0, 1\)"):
@@ -367,12 +367,7 @@ def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(
 
 def optimiser_lrs(module: AlignmentModule) -> dict[int, float]:
     """Each optimised parameter's learning rate, by identity."""
-
-    class FakeTrainer:
-        estimated_stepping_batches = 100
-
-    module.trainer = FakeTrainer()  # type: ignore[assignment]
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = built_optimizer(module)
     return {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
 
 
@@ -423,6 +418,45 @@ def test_without_decay_every_tower_parameter_has_the_tower_learning_rate(
     lrs = optimiser_lrs(m)
     backbones = [*m.image_tower.backbone.parameters(), *m.text_tower.backbone.parameters()]
     assert {lrs[id(p)] for p in backbones if p.requires_grad} == {0.01}
+
+
+def test_a_decayed_image_tower_trains_its_head_layers_at_the_tower_rate(
+    tiny_text_model: str,
+) -> None:
+    """timm's grouping leaves the final conv and norm out of the blocks: they are the top, at
+    ``tower_lr``; the last block is one step down."""
+    m = tiny_module(
+        tiny_text_model,
+        image={"model_name": "test_efficientnet", "unlocked_blocks": 1},
+        text={"freeze": True},
+        tower_lr=0.01,
+        tower_lr_decay=0.5,
+    )
+    lrs = optimiser_lrs(m)
+    trained = {
+        name: lrs[id(p)] for name, p in m.image_tower.backbone.named_parameters() if p.requires_grad
+    }
+    assert {n.split(".")[0] for n in trained} == {"blocks", "conv_head", "bn2"}
+    for name, lr in trained.items():
+        assert lr == pytest.approx(0.005 if name.startswith("blocks.4.") else 0.01), name
+
+
+def test_a_decay_with_frozen_towers_changes_nothing(tiny_text_model: str) -> None:
+    frozen = {"freeze": True}
+    decayed, plain = (
+        optimiser_lrs(tiny_module(tiny_text_model, image=frozen, text=frozen, **decay))
+        for decay in ({"tower_lr_decay": 0.5}, {})
+    )
+    assert sorted(decayed.values()) == sorted(plain.values())
+
+
+def test_a_decay_for_a_text_model_without_layers_is_refused_when_built(
+    tiny_text_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(text_split, "layer_stack", lambda hf_model: None)
+    with pytest.raises(ConfigurationError, match="has no list of transformer layers"):
+        tiny_module(tiny_text_model, image={"freeze": True}, tower_lr_decay=0.5)
+    tiny_module(tiny_text_model, image={"freeze": True})  # without a decay it builds
 
 
 @pytest.mark.parametrize("decay", [0, 1.5, -0.5])

@@ -27,7 +27,7 @@ class _PrefixDone(Exception):
     """Raised from the first unlocked layer's pre-hook: the prefix has what it needs."""
 
 
-def _layer_stack(hf_model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+def layer_stack(hf_model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's list of transformer layers: a ModuleList as long as ``num_hidden_layers``.
 
     ``encoder.layer`` (BERT, RoBERTa, MPNet) and ``layers`` (most others) are preferred when
@@ -55,7 +55,7 @@ def text_parameter_depths(model: nn.Module, setting: str) -> dict[str, int]:
     """
     children = list(model.children())
     hf_model = getattr(children[0], "auto_model", None) if children else None
-    found = _layer_stack(hf_model) if hf_model is not None else None
+    found = layer_stack(hf_model) if hf_model is not None else None
     if found is None:
         raise ConfigurationError(
             f"{setting}: the text model has no list of transformer layers, so its parameters "
@@ -118,7 +118,7 @@ class TextSplit:
                 "(a sentence-transformers Transformer module), so it has no layers to unlock; "
                 'use 0 or "all"'
             )
-        found = _layer_stack(hf_model)
+        found = layer_stack(hf_model)
         count = getattr(config, "num_hidden_layers", None)
         if found is None:
             raise ConfigurationError(

@@ -148,8 +148,8 @@ def read_settings_file(path: str, extended_by: tuple[Path, ...] = ()) -> dict[st
             raise ValueError(
                 f"--config {path}: unknown key {key!r}; expected one of {(*SETTINGS, 'extends')}"
             )
-        if normal == "overrides" and normal in values:
-            value = _as_list(values[normal]) + _as_list(value)
+        if normal == "overrides" and normal in values:  # an empty or null list adds nothing
+            value = _as_list(values[normal] or []) + _as_list(value or [])
         values[normal] = value
     return values
 

@@ -205,8 +205,8 @@ def stress_figure(groups: Sequence[dict[str, Any]], modality: str, title: str) -
     splits = stress_splits(groups)
     # at least 10 inches: room for the two-line title and a legend of many configs
     figure = new_figure(max(5 * len(sizes), 10), 4.4, "constrained")
-    for index, size in enumerate(sizes):
-        axes = figure.add_subplot(1, len(sizes), index + 1)
+    for panel, size in enumerate(sizes):
+        axes = figure.add_subplot(1, len(sizes), panel + 1)
         mine = [g for g in groups if g["train_images"] == size and "rsum" in g["stats"]]
         for (index, name), (style, split) in itertools.product(enumerate(names), enumerate(splits)):
             line = sorted(
