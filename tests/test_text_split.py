@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from adaptalign.common.errors import ConfigurationError
 from adaptalign.encoders.text_models import load_text_model
-from adaptalign.encoders.text_split import TextSplit
+from adaptalign.encoders.text_split import TextSplit, text_parameter_depths
 
 CAPTIONS = [
     "a red circle",
@@ -233,3 +234,34 @@ def test_layers_that_fail_alone_are_refused(model: SentenceTransformer) -> None:
         ConfigurationError, match=r"split at layer 3 of 3 \(encoder.layer\): TypeError"
     ):
         TextSplit(model, 1, name="tiny-bert")
+
+
+class SharedTableModel(nn.Module):
+    """A T5-like encoder: a shared token table registered before the layer list, a final norm
+    after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=2)
+        self.shared = nn.Embedding(10, 4)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.encoder.final_layer_norm = nn.LayerNorm(4)
+
+
+def test_depths_put_what_comes_before_the_layers_below_them() -> None:
+    transformer = nn.Module()
+    transformer.auto_model = SharedTableModel()
+    model = nn.Sequential(transformer, nn.Linear(4, 4))  # a dense layer on top, like a pooler
+    depths = text_parameter_depths(model, "model.tower_lr_decay")
+    assert depths == {
+        "0.auto_model.shared.weight": 3,
+        "0.auto_model.encoder.block.0.weight": 2,
+        "0.auto_model.encoder.block.0.bias": 2,
+        "0.auto_model.encoder.block.1.weight": 1,
+        "0.auto_model.encoder.block.1.bias": 1,
+        "0.auto_model.encoder.final_layer_norm.weight": 0,
+        "0.auto_model.encoder.final_layer_norm.bias": 0,
+        "1.weight": 0,
+        "1.bias": 0,
+    }

@@ -48,10 +48,11 @@ def layer_stack(hf_model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 def text_parameter_depths(model: nn.Module, setting: str) -> dict[str, int]:
     """Each parameter's depth below the top, for a learning rate that decays with depth.
 
-    Transformer layer i of L (from 0) is at depth L - i; the embeddings (parameter names with
-    ``embed``) sit below the first layer, at L + 1; everything else (pooling, final norms, dense
-    layers after the transformer) is the top, at 0. ``setting`` names the option that asked, for
-    the error on a model without a list of layers.
+    Transformer layer i of L (from 0) is at depth L - i; what the model registers before its
+    layers (the embeddings, T5's shared table) or names ``embed`` (DeBERTa's relative embeddings)
+    sits below the first layer, at L + 1; everything else (pooling, final norms, dense layers
+    after the transformer) is the top, at 0. ``setting`` names the option that asked, for the
+    error on a model without a list of layers.
     """
     children = list(model.children())
     hf_model = getattr(children[0], "auto_model", None) if children else None
@@ -64,6 +65,10 @@ def text_parameter_depths(model: nn.Module, setting: str) -> dict[str, int]:
     _, stack = found
     depth_of = {id(p): len(stack) - i for i, layer in enumerate(stack) for p in layer.parameters()}
     below = len(stack) + 1
+    for p in hf_model.parameters():  # in the order the model registers them
+        if id(p) in depth_of:
+            break
+        depth_of[id(p)] = below
     return {
         name: depth_of.get(id(p), below if "embed" in name else 0)
         for name, p in model.named_parameters()
