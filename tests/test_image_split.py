@@ -411,5 +411,6 @@ def test_depths_count_blocks_down_from_the_top() -> None:
 
 
 def test_a_model_without_blocks_has_no_depths_for_a_decay() -> None:
-    with pytest.raises(ConfigurationError, match=r"model.tower_lr_decay: timm cannot group no_co"):
+    expected = r"model.tower_lr_decay: timm cannot group no_coarse's layers into blocks \(coarse"
+    with pytest.raises(ConfigurationError, match=expected):
         image_parameter_depths(NoCoarseGrouping(), "no_coarse", "model.tower_lr_decay")

@@ -111,7 +111,7 @@ def test_frozen_image_backbone_stays_in_eval_and_gets_no_gradient() -> None:
     tower = ImageTower(ImageTowerConfig("test_resnet", freeze=True), embed_dim=8)
     tower.train()
     assert not tower.backbone.training and tower.projection.training
-    assert tower.backbone_parameters() == []
+    assert tower.backbone_parameter_depths(decayed=False) == []
     tower(torch.randn(2, 3, 32, 32)).sum().backward()
     assert tower.projection.weight.grad is not None
     assert all(p.grad is None for p in tower.backbone.parameters())

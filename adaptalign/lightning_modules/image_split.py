@@ -158,9 +158,10 @@ def image_parameter_depths(backbone: nn.Module, model_name: str, setting: str) -
     try:
         groups = _parameter_groups(backbone, model_name)
     except ConfigurationError as exc:
+        reason = exc.__cause__ or "no group_matcher"  # timm's own words where it refused
         raise ConfigurationError(
-            f"{setting}: timm cannot group {model_name}'s layers into blocks, so they have no "
-            "depth to decay the learning rate by; use 1 (no decay)"
+            f"{setting}: timm cannot group {model_name}'s layers into blocks ({reason}), so "
+            "they have no depth to decay the learning rate by; use 1 (no decay)"
         ) from exc
     depths = dict.fromkeys(groups.top, 0)
     for above, block in enumerate(reversed(groups.blocks), start=1):

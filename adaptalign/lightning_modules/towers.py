@@ -158,9 +158,6 @@ class _Tower(nn.Module):
                 self.backbone.get_submodule(name).eval()
         return self
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.backbone.parameters() if p.requires_grad]
-
     def backbone_parameter_depths(self, decayed: bool) -> list[tuple[nn.Parameter, int]]:
         """The trained backbone parameters with their depth below the tower's top; all 0 unless
         ``decayed``: only a learning rate that decays with depth needs the depths, which a model
@@ -172,7 +169,8 @@ class _Tower(nn.Module):
         return [(p, depths.get(name, 0)) for name, p in trained]
 
     def _parameter_depths(self, setting: str) -> dict[str, int]:
-        raise NotImplementedError
+        """Each backbone parameter's depth below the top, from the tower's own grouping."""
+        raise NotImplementedError("each tower counts its own blocks or layers")
 
     @property
     def cut(self) -> str:
