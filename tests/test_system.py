@@ -271,6 +271,19 @@ def test_a_towers_gradient_scale_moves_sgd_and_cancels_in_adamw(
     assert torch.allclose(quarter, expected, rtol=1e-3, atol=1e-9)
 
 
+def test_adamw_takes_the_betas_it_is_given(tiny_text_model: str) -> None:
+    given = built_optimizer(tiny_module(tiny_text_model, adam_betas=(0.9, 0.95)))
+    default = built_optimizer(tiny_module(tiny_text_model))
+    assert {g["betas"] for g in given.param_groups} == {(0.9, 0.95)}
+    assert {g["betas"] for g in default.param_groups} == {(0.9, 0.999)}
+
+
+@pytest.mark.parametrize("betas", [(0.9, 1.0), (-0.1, 0.99), (0.9,)])
+def test_adam_betas_outside_0_1_are_refused(tiny_text_model: str, betas: tuple) -> None:
+    with pytest.raises(ConfigurationError, match=r"adam_betas=\[.*\]; expected two values in"):
+        tiny_module(tiny_text_model, adam_betas=betas)
+
+
 def test_an_unknown_optimizer_or_momentum_is_refused(tiny_text_model: str) -> None:
     with pytest.raises(ConfigurationError, match="optimizer='adam'; expected 'adamw' or 'sgd'"):
         tiny_module(tiny_text_model, optimizer="adam")

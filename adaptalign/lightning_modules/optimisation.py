@@ -59,15 +59,16 @@ def optimiser_with_schedule(
     total_steps: int,
     warmup: float,
     min_lr_ratio: float,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> dict:
-    """AdamW or SGD over ``groups``, stepped per batch by :func:`warmup_cosine`.
+    """AdamW (with ``betas``) or SGD over ``groups``, stepped per batch by :func:`warmup_cosine`.
 
     ``warmup`` is a fraction of ``total_steps`` when below 1, else a step count.
     """
     if optimizer == "sgd":
         built: torch.optim.Optimizer = torch.optim.SGD(groups, momentum=momentum)
     else:
-        built = torch.optim.AdamW(groups)
+        built = torch.optim.AdamW(groups, betas=betas)
     warmup_steps = int(warmup * total_steps) if warmup < 1 else int(warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         built, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)

@@ -85,6 +85,8 @@ class AlignmentModule(L.LightningModule):
         optimizer: ``adamw`` (decoupled weight decay) or ``sgd`` with ``momentum``, whose weight
             decay is an L2 term added to the gradient. Under AdamW a constant factor on a tower's
             gradients (ARL's modality weights) cancels; under SGD it scales the tower's steps.
+            ``adam_betas``: AdamW's moving-average factors for the gradient and its square; a
+            lower second factor forgets the first steps' gradients sooner.
         warmup: warm-up length, a fraction of all steps if < 1 else a step count; then cosine decay
             to ``min_lr_ratio`` times the peak.
         eval_chunk_size: images per similarity chunk in retrieval evaluation.
@@ -112,6 +114,7 @@ class AlignmentModule(L.LightningModule):
         eval_chunk_size: int = 1024,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         momentum: float = 0.9,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         super().__init__()
         image_cfg = tower_config(image_tower, ImageTowerConfig, "image_tower")
@@ -125,6 +128,10 @@ class AlignmentModule(L.LightningModule):
             )
         if not 0 <= momentum < 1:
             raise ConfigurationError(f"momentum={momentum!r}; expected a value in [0, 1)")
+        if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
+            raise ConfigurationError(
+                f"adam_betas={list(adam_betas)}; expected two values in [0, 1)"
+            )
         self.save_hyperparameters(ignore=["image_tower", "text_tower"])
         self.hparams["image_tower"] = asdict(image_cfg)
         self.hparams["text_tower"] = asdict(text_cfg)
@@ -427,5 +434,11 @@ class AlignmentModule(L.LightningModule):
         groups = parameter_groups(sets, hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return optimiser_with_schedule(
-            groups, hp.optimizer, hp.momentum, total, hp.warmup, hp.min_lr_ratio
+            groups,
+            hp.optimizer,
+            hp.momentum,
+            total,
+            hp.warmup,
+            hp.min_lr_ratio,
+            betas=tuple(hp.adam_betas),
         )
