@@ -38,6 +38,17 @@ def without_malloc_settings() -> dict[str, str]:
     }
 
 
+def clear_malloc_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test's environment without malloc settings or our switch, as a fresh shell has."""
+    for name in os.environ.keys() - without_malloc_settings().keys():
+        monkeypatch.delenv(name)
+
+
+def exported() -> dict[str, str | None]:
+    """What this process exports of our settings for the processes it starts."""
+    return {k: os.environ.get(k) for k in allocator.ENVIRONMENT}
+
+
 def page_faults(setup: str = "", **env: str) -> int:
     code = STEPS.format(setup=setup)
     done = subprocess.run(
@@ -84,16 +95,13 @@ UNSET = dict.fromkeys(allocator.ENVIRONMENT)
 def test_every_command_sets_the_allocator_unless_the_user_configured_it(
     monkeypatch: pytest.MonkeyPatch, given: dict[str, str], expected: dict[str, str | None]
 ) -> None:
-    for name in os.environ.keys() - without_malloc_settings().keys():
-        monkeypatch.delenv(name)
+    clear_malloc_settings(monkeypatch)
     for name, value in given.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(cli, "keep_freed_memory", allocator.keep_freed_memory)
     seen = []
     probe = SimpleNamespace(
-        entry=lambda: (
-            lambda argv: seen.append({k: os.environ.get(k) for k in allocator.ENVIRONMENT})
-        ),
+        entry=lambda: lambda argv: seen.append(exported()),
         whole_argv=False,
     )
     monkeypatch.setitem(cli.SUBCOMMANDS, "probe", probe)
@@ -117,21 +125,18 @@ class RecordingLibrary:
 def test_only_settings_glibc_accepted_are_exported(
     monkeypatch: pytest.MonkeyPatch, result: int
 ) -> None:
-    for name in os.environ.keys() - without_malloc_settings().keys():
-        monkeypatch.delenv(name)
+    clear_malloc_settings(monkeypatch)
     library = RecordingLibrary(result)
     monkeypatch.setattr(allocator, "glibc_library", lambda: library)
     applied = allocator.keep_freed_memory()
     # M_MMAP_MAX (-4) to 0 and M_TRIM_THRESHOLD (-1) to 1 GiB, as malloc.h numbers them
     assert library.calls == [(-4, 0), (-1, 1 << 30)]
-    exported = {k: os.environ.get(k) for k in allocator.ENVIRONMENT}
-    assert (applied, exported) == ((list(OURS), OURS) if result == 1 else ([], UNSET))
+    assert (applied, exported()) == ((list(OURS), OURS) if result == 1 else ([], UNSET))
 
 
 def test_another_c_library_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in os.environ.keys() - without_malloc_settings().keys():
-        monkeypatch.delenv(name)
+    clear_malloc_settings(monkeypatch)
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     assert allocator.glibc_library() is None
     assert allocator.keep_freed_memory() == []
-    assert {k: os.environ.get(k) for k in allocator.ENVIRONMENT} == UNSET
+    assert exported() == UNSET

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Mapping
 
 # glibc's mallopt parameters (malloc.h) and the environment variables that set them at start-up.
 M_TRIM_THRESHOLD = -1
@@ -50,7 +51,7 @@ def glibc_library() -> ctypes.CDLL | None:
 RELEASE_PARAMETERS = ("mmap_max", "mmap_threshold", "trim_threshold", "top_pad")
 
 
-def malloc_configured(environment: dict[str, str]) -> bool:
+def malloc_configured(environment: Mapping[str, str]) -> bool:
     """Whether the environment sets when glibc returns freed memory (``MALLOC_MMAP_MAX_`` and the
     like, or their ``glibc.malloc`` tunables)."""
     tunables = environment.get("GLIBC_TUNABLES", "")
@@ -63,7 +64,7 @@ def malloc_configured(environment: dict[str, str]) -> bool:
 def keep_freed_memory() -> list[str]:
     """Applies the settings unless the user configured malloc or switched this off; the names of
     those applied, which are then exported for the processes this one starts."""
-    if os.environ.get(SWITCH, "1") == "0" or malloc_configured(dict(os.environ)):
+    if os.environ.get(SWITCH, "1") == "0" or malloc_configured(os.environ):
         return []
     libc = glibc_library()
     if libc is None:

@@ -59,7 +59,7 @@ def optimiser_with_schedule(
     total_steps: int,
     warmup: float,
     min_lr_ratio: float,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float],
 ) -> dict:
     """AdamW (with ``betas``) or SGD over ``groups``, stepped per batch by :func:`warmup_cosine`.
 

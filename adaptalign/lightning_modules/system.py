@@ -433,12 +433,7 @@ class AlignmentModule(L.LightningModule):
         sets = [*tower_sets(depths, hp.tower_lr, hp.tower_lr_decay), ("projections", heads, hp.lr)]
         groups = parameter_groups(sets, hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        betas = tuple(hp.adam_betas)
         return optimiser_with_schedule(
-            groups,
-            hp.optimizer,
-            hp.momentum,
-            total,
-            hp.warmup,
-            hp.min_lr_ratio,
-            betas=tuple(hp.adam_betas),
+            groups, hp.optimizer, hp.momentum, total, hp.warmup, hp.min_lr_ratio, betas
         )
